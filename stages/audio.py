@@ -1,0 +1,303 @@
+"""Audio in: decode anything ffmpeg reads (file, pipe, stdin), keep the speech as it came, and cut 20 ms chunks
+carrying a 16 kHz mono float copy for the features.
+
+Live input never waits on PyAV's probe buffer: a WAV header or raw PCM on a pipe is parsed here and passed on in
+small reads (PyAV probing a piped WAV holds 1.5-5 s of audio before the first sample comes out).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import av
+import numpy as np
+
+from stream.errors import InputError
+from stream.frames import AudioChunk
+from stream.pipeline import Inbox, Outbox, Stage
+
+FEATURE_RATE_HZ = 16000
+# Sample rates AAC carries; speech at another rate goes out at 48 kHz.
+AAC_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+FALLBACK_RATE_HZ = 48000
+_WAVE_FORMAT_PCM, _WAVE_FORMAT_FLOAT, _WAVE_FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
+_LIVE_READ_MS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechFormat:
+    """The speech as it goes to the sinks: int16 at `rate_hz`, `channels` interleaved."""
+
+    rate_hz: int
+    channels: int
+
+
+def output_format(rate_hz: int, channels: int) -> SpeechFormat:
+    """Keep the input's own rate when AAC carries it (else 48 kHz); keep mono or stereo, fold more to stereo."""
+    return SpeechFormat(rate_hz if rate_hz in AAC_RATES_HZ else FALLBACK_RATE_HZ, 1 if channels == 1 else 2)
+
+
+class AudioReader:
+    """Blocking source of speech blocks, int16 (n, channels) in `format`: run it on a worker thread.
+
+    `source` is a path, or a binary stream such as stdin. On a stream a WAV header or raw PCM (`raw_rate_hz`) is read
+    here in 20 ms pieces so live speech flows at once; anything else is probed by PyAV.
+    """
+
+    def __init__(self, source: str | Path | BinaryIO, *, raw_rate_hz: int | None = None, raw_channels: int = 1):
+        self.name = str(source) if isinstance(source, (str, Path)) else "standard input"
+        self._blocks: Iterator[np.ndarray]
+        if isinstance(source, (str, Path)):
+            self._blocks = self._from_container(source)
+        elif raw_rate_hz is not None:
+            self._blocks = self._from_pcm(source, raw_rate_hz, raw_channels, "s16", b"")
+        else:
+            head = _read_exactly(source, 12)
+            if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+                self._blocks = self._from_wav(source)
+            else:
+                self._blocks = self._from_container(_Prefixed(head, source))
+        self.duration_s: float | None = None  # known for files, None for live streams
+        self.format: SpeechFormat = next(self._blocks)  # type: ignore[assignment]
+        self.samples = 0
+
+    def read(self) -> np.ndarray | None:
+        """The next block of speech, or None at the end. Raises `InputError` for corrupt or empty audio."""
+        block = next(self._blocks, None)
+        if block is None:
+            if self.samples == 0:
+                raise InputError(f"{self.name} contains no audio samples")
+            return None
+        self.samples += len(block)
+        return block
+
+    def _from_container(self, source: str | Path | BinaryIO) -> Iterator[SpeechFormat | np.ndarray]:
+        try:
+            container = av.open(source if not isinstance(source, Path) else str(source), "r")
+        except FileNotFoundError as error:
+            raise InputError(f"audio file not found: {self.name}") from error
+        except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
+            raise InputError(f"cannot read {self.name} as audio ({_reason(error)})") from error
+        with container:
+            if not container.streams.audio:
+                raise InputError(f"{self.name} has no audio stream")
+            stream = container.streams.audio[0]
+            speech = output_format(stream.rate or FALLBACK_RATE_HZ, stream.channels or 1)
+            if container.duration and isinstance(source, (str, Path)):
+                self.duration_s = container.duration / av.time_base
+            yield speech
+            to_speech = av.AudioResampler("s16", "mono" if speech.channels == 1 else "stereo", speech.rate_hz)
+            try:
+                for frame in container.decode(stream):
+                    for out in to_speech.resample(frame):
+                        yield out.to_ndarray().reshape(-1, speech.channels)
+                for out in to_speech.resample(None):
+                    yield out.to_ndarray().reshape(-1, speech.channels)
+            except (av.FFmpegError, ValueError) as error:
+                raise InputError(f"{self.name} is corrupt ({_reason(error)})") from error
+
+    def _from_wav(self, stream: BinaryIO) -> Iterator[SpeechFormat | np.ndarray]:
+        codec, channels, rate, bits = None, 1, 0, 16
+        while True:
+            header = _read_exactly(stream, 8)
+            if len(header) < 8:
+                raise InputError(f"{self.name}: WAV header ends before its data")
+            chunk_id, size = header[:4], struct.unpack("<I", header[4:])[0]
+            if chunk_id == b"fmt ":
+                fmt = _read_exactly(stream, size + (size & 1))
+                if len(fmt) < 16:
+                    raise InputError(f"{self.name}: truncated WAV format chunk")
+                tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
+                if tag == _WAVE_FORMAT_EXTENSIBLE and len(fmt) >= 26:
+                    tag = struct.unpack("<H", fmt[24:26])[0]
+                codec = _wav_codec(tag, bits)
+                if codec is None or channels < 1 or rate < 1000:
+                    raise InputError(f"{self.name}: unsupported WAV encoding (format {tag}, {bits} bits)")
+            elif chunk_id == b"data":
+                if codec is None:
+                    raise InputError(f"{self.name}: WAV data before its format chunk")
+                yield from self._from_pcm(stream, rate, channels, codec, b"")
+                return
+            else:
+                _read_exactly(stream, size + (size & 1))
+
+    def _from_pcm(
+        self, stream: BinaryIO, rate_hz: int, channels: int, codec: str, pending: bytes
+    ) -> Iterator[SpeechFormat | np.ndarray]:
+        speech = output_format(rate_hz, channels)
+        yield speech
+        dtype = np.dtype(_PCM_DTYPES[codec])
+        frame_bytes = dtype.itemsize * channels
+        read_bytes = max(frame_bytes, rate_hz * _LIVE_READ_MS // 1000 * frame_bytes)
+        resample = None if speech.rate_hz == rate_hz else av.AudioResampler("s16", _layout(speech), speech.rate_hz)
+        read1 = getattr(stream, "read1", stream.read)
+        while data := read1(read_bytes):
+            pending += data
+            usable = len(pending) - len(pending) % frame_bytes
+            if not usable:
+                continue
+            samples = _to_int16(np.frombuffer(pending[:usable], dtype), codec).reshape(-1, channels)
+            pending = pending[usable:]
+            yield from _fit(samples, speech, rate_hz, resample)
+        if resample is not None:
+            for out in resample.resample(None):
+                yield out.to_ndarray().reshape(-1, speech.channels)
+
+
+_PCM_DTYPES = {"u8": "u1", "s16": "<i2", "s24": "u1", "s32": "<i4", "f32": "<f4"}
+
+
+def _wav_codec(tag: int, bits: int) -> str | None:
+    if tag == _WAVE_FORMAT_PCM:
+        return {8: "u8", 16: "s16", 32: "s32"}.get(bits)
+    if tag == _WAVE_FORMAT_FLOAT and bits == 32:
+        return "f32"
+    return None
+
+
+def _to_int16(values: np.ndarray, codec: str) -> np.ndarray:
+    if codec == "s16":
+        return values.astype(np.int16, copy=False)
+    if codec == "u8":
+        return ((values.astype(np.int16) - 128) << 8).astype(np.int16)
+    if codec == "s32":
+        return (values >> 16).astype(np.int16)
+    return (np.clip(values, -1.0, 1.0) * 32767).astype(np.int16)
+
+
+def _layout(speech: SpeechFormat) -> str:
+    return "mono" if speech.channels == 1 else "stereo"
+
+
+def _fit(samples: np.ndarray, speech: SpeechFormat, rate_hz: int, resample: av.AudioResampler | None):
+    """Fold channels to the output layout and resample when the input rate is not carried as it is."""
+    if samples.shape[1] != speech.channels:
+        samples = samples.mean(axis=1, keepdims=True).astype(np.int16) if speech.channels == 1 else samples[:, :2]
+    if resample is None:
+        yield samples
+        return
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples).reshape(1, -1), format="s16", layout=_layout(speech))
+    frame.sample_rate = rate_hz
+    for out in resample.resample(frame):
+        yield out.to_ndarray().reshape(-1, speech.channels)
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    data = b""
+    while len(data) < size and (more := stream.read(size - len(data))):
+        data += more
+    return data
+
+
+class _Prefixed:
+    """A read-only stream that first replays bytes already taken from `rest` (PyAV probes from the start)."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head = head
+        self._rest = rest
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            head, self._head = (self._head, b"") if size < 0 or size >= len(self._head) else (
+                self._head[:size], self._head[size:])
+            return head
+        return self._rest.read(size)
+
+
+def _reason(error: BaseException) -> str:
+    text = getattr(error, "strerror", None) or str(error)
+    return text.split(":")[-1].strip() or type(error).__name__
+
+
+class FeatureChunker(Stage):
+    """Speech blocks (int16 (n, channels), any length) -> `AudioChunk`s of `chunk_ms` with a 16 kHz mono copy.
+
+    Chunks tile the speech exactly; at the end the 16 kHz copy is padded or trimmed to the exact length of the speech,
+    so the motion stage counts the same number of frames as the sinks.
+    """
+
+    name = "audio"
+
+    def __init__(self, speech: SpeechFormat, chunk_ms: int) -> None:
+        super().__init__()
+        self.speech = speech
+        self.chunk_ms = chunk_ms
+        self._reset()
+
+    def _reset(self) -> None:
+        self._resampler = av.AudioResampler("flt", "mono", FEATURE_RATE_HZ)
+        self._speech_parts: list[np.ndarray] = []
+        self._speech_buffered = 0
+        self._pcm = np.zeros(0, np.float32)
+        self._speech_total = 0
+        self._pcm_total = 0
+        self._index = 0
+
+    def on_flush(self) -> None:
+        self._reset()
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for block in inbox:
+            for chunk in self.push(block):
+                await outbox.put(chunk)
+        for chunk in self.finish():
+            await outbox.put(chunk)
+
+    def push(self, block: np.ndarray) -> list[AudioChunk]:
+        block = np.asarray(block, np.int16).reshape(-1, self.speech.channels)
+        if not len(block):
+            return []
+        self._speech_parts.append(block)
+        self._speech_buffered += len(block)
+        self._speech_total += len(block)
+        mono = block if self.speech.channels == 1 else block.mean(axis=1, dtype=np.float32).astype(np.int16)[:, None]
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.speech.rate_hz
+        self._append_pcm(self._resampler.resample(frame))
+        return self._cut(final=False)
+
+    def finish(self) -> list[AudioChunk]:
+        self._append_pcm(self._resampler.resample(None))
+        exact = math.ceil(self._speech_total * FEATURE_RATE_HZ / self.speech.rate_hz)
+        surplus = self._pcm_total - exact
+        if surplus > 0:
+            self._pcm = self._pcm[: len(self._pcm) - surplus]
+        elif surplus < 0:
+            self._pcm = np.concatenate([self._pcm, np.zeros(-surplus, np.float32)])
+        self._pcm_total = exact
+        return self._cut(final=True)
+
+    def _append_pcm(self, frames: list[av.AudioFrame]) -> None:
+        for out in frames:
+            samples = out.to_ndarray().reshape(-1)
+            self._pcm = np.concatenate([self._pcm, samples])
+            self._pcm_total += len(samples)
+
+    def _cut(self, *, final: bool) -> list[AudioChunk]:
+        chunks = []
+        pcm_step = FEATURE_RATE_HZ * self.chunk_ms // 1000
+        while True:
+            speech_end = math.floor((self._index + 1) * self.chunk_ms * self.speech.rate_hz / 1000)
+            speech_start = math.floor(self._index * self.chunk_ms * self.speech.rate_hz / 1000)
+            have_pcm = len(self._pcm) >= pcm_step
+            have_speech = self._speech_total >= speech_end
+            if not (have_pcm and have_speech) and not (final and (len(self._pcm) or self._speech_buffered)):
+                return chunks
+            take_pcm = self._pcm[:pcm_step]
+            self._pcm = self._pcm[len(take_pcm):]
+            wanted = speech_end - speech_start if have_speech else self._speech_buffered
+            chunks.append(AudioChunk(self._index, take_pcm, self._take_speech(wanted)))
+            self._index += 1
+
+    def _take_speech(self, count: int) -> np.ndarray:
+        joined = np.concatenate(self._speech_parts) if len(self._speech_parts) != 1 else self._speech_parts[0]
+        count = min(count, len(joined))
+        taken, rest = joined[:count], joined[count:]
+        self._speech_parts = [rest] if len(rest) else []
+        self._speech_buffered = len(rest)
+        return taken

@@ -1,0 +1,310 @@
+"""The public API: prepare an avatar once, open sessions on it, push speech, iterate finished frames.
+
+```python
+avatar = Avatar.prepare("portrait.png", preset="balanced")
+async with avatar.open_session(speech_rate_hz=16000) as session:
+    await session.push(pcm_int16)      # as speech arrives; waits when the pipeline is full
+    await session.end()                # no more speech
+    async for frame in session.frames():
+        ...                            # frame.image (BGR), frame.speech (int16), frame.index (pts in 1/fps)
+```
+`stream.cli` and `server.py` are clients of this module; nothing else of `stages/` is theirs to wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import cv2
+import numpy as np
+
+from stages.audio import AudioReader, FeatureChunker, SpeechFormat, output_format
+from stages.blend import Blender
+from stages.enhance import make_enhancer
+from stages.motion import EmbeddedMotion, Expression
+from stages.portrait import Portrait, prepare_portrait
+from stages.render import WarpRenderer
+from stages.sinks import Sink
+from stream.clock import FrameClock
+from stream.frames import AudioChunk, FaceCrop, Motion, StreamInfo, VideoFrame
+from stream.pipeline import Inbox, Outbox, Pipeline, Stage, run_together
+from stream.presets import Preset, PresetBook, build_section, check_fixed
+from stream.profile import Profiler
+
+BACKENDS = ("embedded",)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedSettings:
+    """Knobs of the embedded backend ([backends.embedded] in presets.toml)."""
+
+    seed: int
+    still: bool
+
+
+# What each backend fixes in every preset (none for the embedded warp: it follows the preset's fps).
+FIXED_BY_BACKEND: dict[str, dict[str, Any]] = {"embedded": {}}
+
+
+def load_preset(
+    name: str = "balanced", overrides: Iterable[str] = (), backend: str = "embedded", book: PresetBook | None = None
+) -> tuple[Preset, EmbeddedSettings]:
+    """A preset validated against the backend, with the backend's own settings."""
+    from stream.errors import PresetError
+
+    if backend not in BACKENDS:
+        raise PresetError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    book = book or PresetBook()
+    preset, backends = book.get(name, overrides)
+    check_fixed(preset, FIXED_BY_BACKEND[backend], backend)
+    return preset, build_section(EmbeddedSettings, backends.get(backend, {}), backend)
+
+
+def _notice_to_stderr(message: str) -> None:
+    print(f"talkstream: {message}", file=sys.stderr)
+
+
+class Avatar:
+    """A portrait prepared for one preset: face crop, renderer, paste-back and enhancer, built once and shared."""
+
+    def __init__(self, portrait: Portrait, preset: Preset, settings: EmbeddedSettings,
+                 notice: Callable[[str], None] = _notice_to_stderr) -> None:
+        self.portrait = portrait
+        self.preset = preset
+        self.settings = settings
+        self.renderer = WarpRenderer(portrait.crop, portrait.landmarks)
+        x0, y0, x1, y1 = portrait.roi
+        mask = self.renderer.mask
+        if portrait.scale != 1.0:
+            mask = cv2.resize(mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        self.blender = Blender(preset.blend.mode, portrait.image, portrait.roi, mask)
+        enhancer = preset.enhance.enhancer
+        if enhancer == "best":
+            notice("no neural enhancer is available yet: the quality preset uses the light enhancer")
+            enhancer = "light"
+        self.enhancer = make_enhancer(enhancer, portrait.roi, mask)
+
+    @classmethod
+    def prepare(
+        cls,
+        portrait: str | Path | bytes,
+        *,
+        preset: str | Preset = "balanced",
+        overrides: Iterable[str] = (),
+        backend: str = "embedded",
+        cache_dir: Path | None = None,
+        name: str | None = None,
+        notice: Callable[[str], None] = _notice_to_stderr,
+    ) -> Avatar:
+        """Load the portrait, find the face (cached), and build everything per-frame work will only read."""
+        if isinstance(preset, Preset):
+            settings = load_preset(preset.name, (), backend)[1]
+        else:
+            preset, settings = load_preset(preset, overrides, backend)
+        prepared = prepare_portrait(portrait, max_side_px=preset.video.max_side_px,
+                                    crop_size=preset.render.crop_size, cache_dir=cache_dir, name=name)
+        if prepared.faces_found > 1:
+            notice(f"found {prepared.faces_found} faces; animating the largest")
+        return cls(prepared, preset, settings, notice)
+
+    def open_session(self, speech_rate_hz: int, speech_channels: int = 1, *,
+                     profiler: Profiler | None = None) -> Session:
+        return Session(self, output_format(speech_rate_hz, speech_channels), profiler=profiler)
+
+    def compose(self, crop: np.ndarray) -> np.ndarray:
+        """A rendered crop -> a finished frame: back to frame scale, pasted, enhanced."""
+        x0, y0, x1, y1 = self.portrait.roi
+        if crop.shape[1] != x1 - x0 or crop.shape[0] != y1 - y0:
+            crop = cv2.resize(crop, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        frame = self.blender.blend(crop)
+        if self.enhancer is not None:
+            self.enhancer.enhance(frame)
+        return frame
+
+
+class MotionStage(Stage):
+    """AudioChunks -> Motion: one Expression per video frame, with that frame's share of the speech."""
+
+    name = "motion"
+
+    def __init__(self, preset: Preset, settings: EmbeddedSettings, speech: SpeechFormat) -> None:
+        super().__init__()
+        self._new_model = lambda: EmbeddedMotion(fps=preset.video.frame_rate, lookahead_ms=preset.motion.lookahead_ms,
+                                                 seed=settings.seed, still=settings.still)
+        self.model = self._new_model()
+        self.clock = FrameClock(preset.video.frame_rate, speech.rate_hz)
+        self.channels = speech.channels
+        self._speech: list[np.ndarray] = []
+        self._speech_start = 0  # sample number of the first buffered sample
+
+    def on_flush(self) -> None:
+        self.model.interrupt()
+        self._speech = []
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for chunk in inbox:
+            for motion in await self.offload(self._push, chunk):
+                await outbox.put(motion)
+        for motion in await self.offload(self._finish):
+            await outbox.put(motion)
+
+    def _push(self, chunk: AudioChunk) -> list[Motion]:
+        self._speech.append(chunk.speech)
+        return [self._motion(expression, last=False) for expression in self.model.push(chunk.pcm)]
+
+    def _finish(self) -> list[Motion]:
+        return [self._motion(expression, last=True) for expression in self.model.finish()]
+
+    def _motion(self, expression: Expression, *, last: bool) -> Motion:
+        buffered = np.concatenate(self._speech) if len(self._speech) > 1 else (
+            self._speech[0] if self._speech else np.zeros((0, self.channels), np.int16))
+        start, end = self.clock.start(expression.index), self.clock.start(expression.index + 1)
+        begin = max(0, start - self._speech_start)
+        stop = len(buffered) if last else max(begin, end - self._speech_start)
+        speech = buffered[begin:stop]
+        rest = buffered[stop:]
+        self._speech = [rest] if len(rest) else []
+        self._speech_start += stop
+        return Motion(expression.index, expression, speech)
+
+
+class RenderStage(Stage):
+    """Motion -> FaceCrop, in latency-bounded batches (`render.max_batch`, `render.max_wait_ms`)."""
+
+    name = "render"
+
+    def __init__(self, avatar: Avatar) -> None:
+        super().__init__()
+        self.avatar = avatar
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        settings = self.avatar.preset.render
+        async for batch in inbox.batches(settings.max_batch, settings.max_wait_ms):
+            for crop in await self.offload(self._render, batch):
+                await outbox.put(crop)
+
+    def _render(self, batch: list[Motion]) -> list[FaceCrop]:
+        return [FaceCrop(m.index, self.avatar.renderer.render(m.pose), m.speech) for m in batch]
+
+
+class ComposeStage(Stage):
+    """FaceCrop -> VideoFrame: paste back into the portrait and enhance."""
+
+    name = "compose"
+
+    def __init__(self, avatar: Avatar) -> None:
+        super().__init__()
+        self.avatar = avatar
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for item in inbox:
+            image = await self.offload(self.avatar.compose, item.crop)
+            await outbox.put(VideoFrame(item.index, image, item.speech))
+
+
+class Session:
+    """One stream of speech in, frames out, on an avatar. Push from one task, iterate frames from another."""
+
+    def __init__(self, avatar: Avatar, speech: SpeechFormat, *, profiler: Profiler | None = None) -> None:
+        self.avatar = avatar
+        self.speech = speech
+        preset = avatar.preset
+        height, width = avatar.portrait.image.shape[:2]
+        self.info = StreamInfo(width, height, preset.video.frame_rate, speech.rate_hz, speech.channels)
+        self.profiler = profiler or Profiler()
+        stages: list[Stage] = [
+            FeatureChunker(speech, preset.stream.chunk_ms),
+            MotionStage(preset, avatar.settings, speech),
+            RenderStage(avatar),
+            ComposeStage(avatar),
+        ]
+        self._pipeline = Pipeline(stages, queue_depth=preset.stream.queue_depth, profiler=self.profiler)
+        self._started = False
+
+    async def __aenter__(self) -> Session:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self._pipeline.start()
+
+    async def push(self, speech: np.ndarray) -> None:
+        """Speech as int16 (samples, channels) at the session's rate; waits while the pipeline is full."""
+        await self._pipeline.put(speech)
+
+    async def end(self) -> None:
+        """No more speech: the remaining frames come out, then `frames()` ends."""
+        await self._pipeline.end()
+
+    def frames(self) -> AsyncIterator[VideoFrame]:
+        return self._pipeline.results()
+
+    def interrupt(self) -> None:
+        """Barge-in: drop queued speech and frames at once; the face relaxes and the session goes on."""
+        self._pipeline.flush()
+
+    async def aclose(self) -> None:
+        await self._pipeline.aclose()
+
+
+async def render(
+    avatar: Avatar,
+    reader: AudioReader,
+    sink_factory: Callable[[StreamInfo], Sink],
+    *,
+    profiler: Profiler | None = None,
+    on_frame: Callable[[VideoFrame], None] | None = None,
+) -> int:
+    """Speech from `reader` -> frames into the sink made for the stream; returns the number of frames written.
+
+    The reader and the sink each run on a thread of their own, so decoding, rendering and encoding overlap.
+    On any error (or cancellation) the sink is aborted, never closed as if complete.
+    """
+    profiler = profiler or Profiler()
+    loop = asyncio.get_running_loop()
+    session = avatar.open_session(reader.format.rate_hz, reader.format.channels, profiler=profiler)
+    sink = await loop.run_in_executor(None, sink_factory, session.info)
+    decode_times, sink_times = profiler.stage("decode"), profiler.stage("sink")
+    decode_pool = ThreadPoolExecutor(1, thread_name_prefix="talkstream-decode")
+    sink_pool = ThreadPoolExecutor(1, thread_name_prefix="talkstream-sink")
+    frames = 0
+
+    async def feed() -> None:
+        while (block := await loop.run_in_executor(decode_pool, decode_times.timed, reader.read)) is not None:
+            decode_times.items += 1
+            await session.push(block)
+        await session.end()
+
+    async def drain() -> None:
+        nonlocal frames
+        async for frame in session.frames():
+            await loop.run_in_executor(sink_pool, sink_times.timed, sink.write, frame)
+            sink_times.items += 1
+            frames += 1
+            if on_frame is not None:
+                on_frame(frame)
+
+    try:
+        async with session:
+            await run_together(feed(), drain())
+        await loop.run_in_executor(sink_pool, sink.close)
+    except BaseException:
+        await asyncio.shield(loop.run_in_executor(sink_pool, sink.abort))
+        raise
+    finally:
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+        sink_pool.shutdown(wait=False, cancel_futures=True)
+    return frames

@@ -1,0 +1,209 @@
+"""`talkstream render | presets | bench | doctor`: the command line, a client of `stages.session`.
+
+Heavy modules (numpy, OpenCV, PyAV, dlib) are imported inside the commands, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES = """examples:
+  talkstream render examples/astronaut.png examples/speech.wav -o talk.mp4
+  talkstream render face.jpg speech.mp3 -o - --format nut | ffplay -nodisp -autoexit -
+  arecord -f S16_LE -r 16000 | talkstream render face.jpg - --rate 16000 -o - --format y4m | ffplay -
+  talkstream render face.jpg speech.wav --preset ultra_fast --set blend.mode=feather -o fast.mp4
+  talkstream presets
+  talkstream bench --presets ultra_fast,balanced --json bench.json
+"""
+
+USER_ERROR = 2
+INTERRUPTED = 130
+FILE_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mp4", ".nut": "nut", ".y4m": "y4m", ".raw": "rawvideo",
+                ".bgr": "rawvideo"}
+
+
+def _set_thread_counts() -> None:
+    """One thread per library, set before numpy/OpenCV load: two spinning threads collapse when a core is busy."""
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="talkstream", description="Streaming, real-time talking portraits: one portrait and speech in, "
+        "lip-synced video out as frames finish.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    render = commands.add_parser("render", help="render a talking portrait to a file or a pipe",
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    render.add_argument("portrait", help="portrait image (PNG, JPEG, WebP, ...)")
+    render.add_argument("audio", help="speech: any file ffmpeg reads, or - for standard input (WAV, raw with --rate, "
+                        "or a container)")
+    render.add_argument("-o", "--output", default="talkstream.mp4",
+                        help="output file, or - for standard output (default: %(default)s)")
+    render.add_argument("--format", choices=("mp4", "nut", "y4m", "rawvideo"),
+                        help="output format (default: from the file name; nut for standard output)")
+    _add_preset_options(render)
+    render.add_argument("--rate", type=int, metavar="HZ", help="standard input is raw s16le PCM at this rate")
+    render.add_argument("--channels", type=int, default=1, help="channels of raw input (default: %(default)s)")
+    render.add_argument("--profile", action="store_true", help="print where the time went, per stage")
+    render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    commands.add_parser("presets", help="list the presets, one line each")
+
+    bench = commands.add_parser("bench", help="measure fps, real-time factor, first-frame latency, per-stage ms")
+    bench.add_argument("--presets", default="ultra_fast,fast,balanced,quality",
+                       help="comma-separated presets (default: %(default)s)")
+    bench.add_argument("--seconds", type=float, default=60.0, help="length of the long speech (default: %(default)s)")
+    bench.add_argument("--runs", type=int, default=3, help="warm runs per preset; the median is kept")
+    bench.add_argument("--backend", default="embedded", help="backend (default: %(default)s)")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+
+    doctor = commands.add_parser("doctor", help="check dependencies, threads, landmark model; render 1 s")
+    doctor.add_argument("--checkpoints", type=Path, metavar="DIR", help="also check model checkpoints in DIR")
+    return parser
+
+
+def _add_preset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="balanced", help="speed tier (see `talkstream presets`; default: "
+                        "%(default)s)")
+    parser.add_argument("--backend", default="embedded", help="animation backend (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one preset value, e.g. --set blend.mode=feather (repeatable)")
+    parser.add_argument("--seed", type=int, help="seed of blinks and head motion")
+    parser.add_argument("--still", action="store_true", help="no head motion")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _set_thread_counts()
+    args = build_parser().parse_args(argv)
+    from stream.errors import TalkstreamError
+
+    try:
+        if args.command == "render":
+            return _render(args)
+        if args.command == "presets":
+            return _presets()
+        if args.command == "bench":
+            from stream.bench import run_bench
+
+            return run_bench(args)
+        from stream.doctor import run_doctor
+
+        return run_doctor(args)
+    except TalkstreamError as error:
+        print(f"talkstream: error: {error}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("talkstream: interrupted; no output was kept", file=sys.stderr)
+        return INTERRUPTED
+
+
+def run_async(coroutine):  # type: ignore[no-untyped-def]
+    """uvloop when it is installed (a cheaper loop <-> thread hand-off), asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def preset_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"{args.backend}.seed={args.seed}")
+    if args.still:
+        overrides.append(f"{args.backend}.still=true")
+    return overrides
+
+
+def _presets() -> int:
+    from stream.presets import PresetBook
+
+    book = PresetBook()
+    for name in book.names:
+        marker = " (default)" if name == "balanced" else ""
+        print(f"{name:<11} {book.description(name)}{marker}")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    import cv2
+
+    from stages.audio import AudioReader
+    from stages.session import Avatar, render
+    from stages.sinks import check_writable, open_sink
+    from stream.errors import InputError
+    from stream.profile import Profiler
+
+    cv2.setNumThreads(1)
+    to_stdout = args.output == "-"
+    fmt = args.format or ("nut" if to_stdout else FILE_FORMATS.get(Path(args.output).suffix.lower(), "mp4"))
+    if to_stdout and fmt == "mp4":
+        raise InputError("MP4 cannot be streamed to standard output; use --format nut, y4m or rawvideo")
+    if not to_stdout:
+        check_writable(Path(args.output))
+    avatar = Avatar.prepare(args.portrait, preset=args.preset, overrides=preset_overrides(args), backend=args.backend)
+    source = sys.stdin.buffer if args.audio == "-" else Path(args.audio)
+    reader = AudioReader(source, raw_rate_hz=args.rate, raw_channels=args.channels)
+    profiler = Profiler()
+    progress = _Progress(reader.duration_s, avatar.preset.video.fps) if not args.quiet and sys.stderr.isatty() else None
+    stdout = sys.stdout.buffer if to_stdout else None
+
+    def make_sink(info):  # type: ignore[no-untyped-def]
+        return open_sink(stdout if to_stdout else Path(args.output), fmt, info, avatar.preset.encode)
+
+    frames = run_async(render(avatar, reader, make_sink, profiler=profiler,
+                              on_frame=progress.update if progress else None))
+    if progress:
+        progress.done(frames)
+    if args.profile:
+        print(profiler.table(frames), file=sys.stderr)
+    if not to_stdout and not args.quiet:
+        print(f"talkstream: wrote {args.output} ({frames} frames)", file=sys.stderr)
+    return 0
+
+
+class _Progress:
+    """A one-line progress bar on the terminal: frames done, share of the speech, speed."""
+
+    def __init__(self, duration_s: float | None, fps: float) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._started = self._clock()
+        self._total = round(duration_s * fps) if duration_s else None
+        self._last_draw = 0.0
+
+    def update(self, frame) -> None:  # type: ignore[no-untyped-def]
+        now = self._clock()
+        if now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        self._draw(frame.index + 1, now)
+
+    def _draw(self, frames: int, now: float) -> None:
+        speed = frames / max(now - self._started, 1e-6)
+        if self._total:
+            share = min(frames / self._total, 1.0)
+            bar = "#" * int(share * 30)
+            line = f"\rrendering [{bar:<30}] {share:4.0%} {frames}/{self._total} frames {speed:6.1f} fps"
+        else:
+            line = f"\rrendering {frames} frames {speed:6.1f} fps"
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def done(self, frames: int) -> None:
+        self._total = frames
+        self._draw(frames, self._clock())
+        sys.stderr.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

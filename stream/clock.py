@@ -1,0 +1,52 @@
+"""The one place that converts between samples, frames, presentation times and seconds.
+
+Time is an integer count of a rational time base (PyAV's convention); nothing else divides by fps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+
+def now_ns() -> int:
+    """Monotonic wall time; injected as `clock=` where tests need to control it."""
+    return time.monotonic_ns()
+
+
+def pts_of(samples: int, rate_hz: int, time_base: Fraction) -> int:
+    """The presentation time, in `time_base` units, of sample number `samples` at `rate_hz`."""
+    return round(Fraction(samples, rate_hz) / time_base)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameClock:
+    """Video frames laid over an audio stream: frame k covers samples [start(k), start(k + 1))."""
+
+    fps: Fraction
+    rate_hz: int
+
+    @property
+    def time_base(self) -> Fraction:
+        """Video pts count frames."""
+        return 1 / self.fps
+
+    @property
+    def frame_ms(self) -> float:
+        return float(1000 / self.fps)
+
+    def start(self, frame: int) -> int:
+        """First sample of `frame` (floor, so consecutive frames tile the stream exactly)."""
+        return math.floor(frame * self.rate_hz / self.fps)
+
+    def frames_for(self, samples: int) -> int:
+        """How many frames cover `samples` samples: the last, partial one included."""
+        return math.ceil(samples * self.fps / self.rate_hz)
+
+    def samples_of_ms(self, ms: float) -> int:
+        return round(ms * self.rate_hz / 1000)
+
+    def seconds(self, frame: int) -> float:
+        return float(frame / self.fps)

@@ -1,0 +1,65 @@
+"""What flows between stages: small frozen records that carry their frame index and their share of the speech.
+
+The speech rides along at its own rate (`speech`: int16, shape (samples, channels)) with the video frame it belongs
+to, so audio and video stay aligned whatever the stages batch or drop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What a sink must know before the first frame arrives."""
+
+    width: int
+    height: int
+    fps: Fraction
+    speech_rate_hz: int
+    speech_channels: int
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    """One hop of input audio: a mono float32 copy at the feature rate, and the speech as it came in."""
+
+    index: int
+    pcm: np.ndarray       # (n,) float32 in [-1, 1] at the feature rate
+    speech: np.ndarray    # (m, channels) int16 at the speech rate, the same stretch of time
+
+
+@dataclass(frozen=True, slots=True)
+class Motion:
+    """What the face does during video frame `index` (`pose` is the backend's own type)."""
+
+    index: int
+    pose: Any
+    speech: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class FaceCrop:
+    """A rendered face crop for frame `index`, still to be pasted into the portrait."""
+
+    index: int
+    crop: np.ndarray      # (h, w, 3) uint8 BGR
+    speech: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class VideoFrame:
+    """A finished frame: `index` is its pts in units of 1/fps."""
+
+    index: int
+    image: np.ndarray     # (H, W, 3) uint8 BGR
+    speech: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """The last item of a stream; nothing follows it."""

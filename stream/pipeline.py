@@ -1,0 +1,275 @@
+"""Stages joined by bounded queues.
+
+A `Stage` is one object with `async run(inbox, outbox)`. A `Pipeline` wires a list of them with bounded
+`asyncio.Queue`s (backpressure: a slow sink slows the audio reader), runs them as tasks, reports the first error once
+(cancelling the rest), and supports `flush()`: barge-in drops queued work without waiting behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from stream.frames import EndOfStream
+from stream.profile import Profiler, StageTimes
+
+T = TypeVar("T")
+
+_END = EndOfStream()
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A queued item stamped with the flush generation it belongs to."""
+
+    generation: int
+    item: Any
+
+
+class Inbox:
+    """The receiving end of a queue: iterate items until end of stream; stale items (before a flush) are skipped."""
+
+    def __init__(self, queue: asyncio.Queue[_Entry], control: _Control, times: StageTimes) -> None:
+        self._queue = queue
+        self._control = control
+        self._times = times
+        self._ended = False
+        self.generation = control.generation
+
+    async def get(self) -> Any:
+        """The next item, or an `EndOfStream` (returned once, then again on every later call)."""
+        if self._ended:
+            return _END
+        while True:
+            started = time.perf_counter_ns()
+            entry = await self._queue.get()
+            self._times.wait_ns += time.perf_counter_ns() - started
+            if entry.generation < self._control.generation and not isinstance(entry.item, EndOfStream):
+                continue
+            self.generation = max(entry.generation, self.generation)
+            if isinstance(entry.item, EndOfStream):
+                self._ended = True
+            return entry.item
+
+    def get_nowait(self) -> Any | None:
+        """The next item if one is already queued, else None."""
+        while not self._ended and not self._queue.empty():
+            entry = self._queue.get_nowait()
+            if entry.generation < self._control.generation and not isinstance(entry.item, EndOfStream):
+                continue
+            self.generation = max(entry.generation, self.generation)
+            if isinstance(entry.item, EndOfStream):
+                self._ended = True
+            return entry.item
+        return None
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[Any]:
+        while not isinstance(item := await self.get(), EndOfStream):
+            yield item
+
+    async def batches(self, max_batch: int, max_wait_ms: float) -> AsyncIterator[list[Any]]:
+        """Latency-bounded batches: the first item starts a batch, which closes when full or `max_wait_ms` later.
+
+        After silence the first batch is small (low first-frame latency); in steady state queued items fill it.
+        """
+        loop = asyncio.get_running_loop()
+        while not isinstance(first := await self.get(), EndOfStream):
+            batch = [first]
+            deadline = loop.time() + max_wait_ms / 1000
+            while len(batch) < max_batch:
+                item = self.get_nowait()
+                if item is None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 or self._ended:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.get(), remaining)
+                    except TimeoutError:
+                        break
+                if isinstance(item, EndOfStream):
+                    break
+                batch.append(item)
+            yield batch
+            if self._ended:
+                return
+
+
+class Outbox:
+    """The sending end of a queue; items are stamped with the generation of the input they came from."""
+
+    def __init__(self, queue: asyncio.Queue[_Entry], inbox: Inbox | None, control: _Control, times: StageTimes):
+        self._queue = queue
+        self._inbox = inbox
+        self._control = control
+        self._times = times
+
+    async def put(self, item: Any) -> None:
+        generation = self._inbox.generation if self._inbox is not None else self._control.generation
+        if generation < self._control.generation:
+            return
+        self._times.items += 1
+        started = time.perf_counter_ns()
+        await self._queue.put(_Entry(generation, item))
+        self._times.blocked_ns += time.perf_counter_ns() - started
+
+
+class _Control:
+    """State shared by every queue of one pipeline."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+
+
+class Stage:
+    """Base of the stages: a name, and an executor of its own for blocking work (one worker keeps order)."""
+
+    name = "stage"
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self.timing = StageTimes(self.name)
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        raise NotImplementedError
+
+    def on_flush(self) -> None:
+        """Called on barge-in, on the event loop: drop internal state that belongs to the flushed speech."""
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on this stage's own thread, timing its CPU and wall time for the profile."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"talkstream-{self.name}")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.timing.timed, fn, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+class Pipeline:
+    """A list of stages over bounded queues: `put()` feeds the first, `results()` drains the last."""
+
+    def __init__(self, stages: Sequence[Stage], *, queue_depth: int = 4, profiler: Profiler | None = None) -> None:
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        self.stages = list(stages)
+        self.profiler = profiler or Profiler()
+        self._control = _Control()
+        self._queues: list[asyncio.Queue[_Entry]] = [asyncio.Queue(queue_depth) for _ in range(len(stages) + 1)]
+        self._source_times = StageTimes("source")
+        self._source = Outbox(self._queues[0], None, self._control, self._source_times)
+        self._output = Inbox(self._queues[-1], self._control, StageTimes("output"))
+        self._tasks: list[asyncio.Task[None]] = []
+        self._error: BaseException | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        """Start every stage as a task; the first to fail cancels the others."""
+        for position, stage in enumerate(self.stages):
+            inbox = Inbox(self._queues[position], self._control, stage.timing)
+            outbox = Outbox(self._queues[position + 1], inbox, self._control, stage.timing)
+            self.profiler.add(stage.timing)
+            task = asyncio.create_task(self._run_stage(stage, inbox, outbox), name=f"stage-{stage.name}")
+            self._tasks.append(task)
+
+    async def _run_stage(self, stage: Stage, inbox: Inbox, outbox: Outbox) -> None:
+        stage.timing.start()
+        try:
+            await stage.run(inbox, outbox)
+            await outbox.put(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # noqa: BLE001 - any stage failure must stop the whole pipeline
+            self._fail(error, stage)
+        finally:
+            stage.timing.stop()
+            stage.close()
+
+    def _fail(self, error: BaseException, stage: Stage) -> None:
+        if self._error is None:
+            self._error = error
+            error.add_note(f"(in the {stage.name} stage)")
+            for task in self._tasks:
+                if task is not asyncio.current_task():
+                    task.cancel()
+            # Empty every queue: a producer blocked on a full one wakes (its next put raises), and the consumer
+            # finds an end of stream and the error instead of waiting for frames that never come.
+            for queue in self._queues:
+                while not queue.empty():
+                    queue.get_nowait()
+            self._queues[-1].put_nowait(_Entry(self._control.generation, _END))
+
+    async def put(self, item: Any) -> None:
+        """Feed the first stage; waits while the pipeline is full (backpressure)."""
+        self._raise_if_failed()
+        await self._source.put(item)
+
+    async def end(self) -> None:
+        """No more input: the end of stream flows through every stage."""
+        self._raise_if_failed()
+        await self._source.put(_END)
+
+    async def results(self) -> AsyncIterator[Any]:
+        """Items out of the last stage, in order; raises the first stage failure."""
+        while True:
+            item = await self._output.get()
+            self._raise_if_failed()
+            if isinstance(item, EndOfStream):
+                break
+            yield item
+        await self.join()
+
+    def _raise_if_failed(self) -> None:
+        """Re-raise the first stage failure itself (a note names the stage), so typed user errors stay typed."""
+        if self._error is not None:
+            raise self._error
+
+    def flush(self) -> None:
+        """Barge-in: drop everything queued or in flight; stages reset their state. Clocks keep running."""
+        self._control.generation += 1
+        for queue in self._queues:
+            kept = []
+            while not queue.empty():
+                entry = queue.get_nowait()
+                if isinstance(entry.item, EndOfStream):
+                    kept.append(entry)
+            for entry in kept:
+                queue.put_nowait(entry)
+        for stage in self.stages:
+            stage.on_flush()
+
+    async def join(self) -> None:
+        """Wait for every stage to finish; re-raise the first failure."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._raise_if_failed()
+
+    async def aclose(self) -> None:
+        """Cancel whatever still runs and wait for it: no task outlives the pipeline."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def run_together(*coroutines: Coroutine[Any, Any, Any]) -> None:
+    """Run coroutines as tasks until all finish; the first failure cancels the others and is raised as it is."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task in done and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,213 @@
+"""The runtime on its own: ordering, end of stream, errors, cancellation, flush, backpressure, batching."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stream.pipeline import Inbox, Outbox, Pipeline, Stage, run_together
+
+
+class Double(Stage):
+    name = "double"
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for item in inbox:
+            await outbox.put(await self.offload(lambda x: 2 * x, item))
+
+
+class Repeat(Stage):
+    """One item in, `times` items out; emits a trailer at end of stream."""
+
+    name = "repeat"
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+        self.flushed = 0
+
+    def on_flush(self) -> None:
+        self.flushed += 1
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for item in inbox:
+            for _ in range(self.times):
+                await outbox.put(item)
+        await outbox.put("trailer")
+
+
+class FailOn(Stage):
+    name = "fail"
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad = bad
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for item in inbox:
+            if item == self.bad:
+                raise ValueError(f"cannot take {item}")
+            await outbox.put(item)
+
+
+class Gate(Stage):
+    """Passes items only while its event is set: a stand-in for a slow renderer."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = asyncio.Event()
+        self.taken: list[int] = []
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for item in inbox:
+            self.taken.append(item)
+            await self.open.wait()
+            await outbox.put(item)
+
+
+class Batcher(Stage):
+    name = "batcher"
+
+    def __init__(self, max_batch: int, max_wait_ms: float) -> None:
+        super().__init__()
+        self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for batch in inbox.batches(self.max_batch, self.max_wait_ms):
+            await outbox.put(batch)
+
+
+async def collect(pipeline: Pipeline) -> list:
+    return [item async for item in pipeline.results()]
+
+
+async def feed(pipeline: Pipeline, items) -> None:
+    for item in items:
+        await pipeline.put(item)
+    await pipeline.end()
+
+
+async def test_items_come_out_in_order_through_every_stage():
+    pipeline = Pipeline([Double(), Double(), Double()], queue_depth=2)
+    await pipeline.start()
+    results, _ = await asyncio.gather(collect(pipeline), feed(pipeline, range(100)))
+    assert results == [8 * i for i in range(100)]
+
+
+async def test_end_of_stream_reaches_the_end_after_trailing_items():
+    pipeline = Pipeline([Repeat(2), Double()], queue_depth=1)
+    await pipeline.start()
+    results, _ = await asyncio.gather(collect(pipeline), feed(pipeline, [1, 2]))
+    assert results == [2, 2, 4, 4, "trailertrailer"]
+
+
+async def test_an_empty_stream_ends_cleanly():
+    pipeline = Pipeline([Double(), Repeat(3)])
+    await pipeline.start()
+    results, _ = await asyncio.gather(collect(pipeline), feed(pipeline, []))
+    assert results == ["trailer"]
+
+
+async def test_the_first_error_stops_everything_and_is_raised_once_as_itself():
+    upstream = Gate()
+    upstream.open.set()
+    pipeline = Pipeline([upstream, FailOn(5), Double()], queue_depth=2)
+    await pipeline.start()
+    seen = []
+    with pytest.raises(ValueError, match="cannot take 5") as caught:
+        async for item in pipeline.results():
+            seen.append(item)
+            if item == 0:
+                asyncio.ensure_future(feed(pipeline, range(1000)))
+        await asyncio.sleep(0)
+    assert any("fail stage" in note for note in caught.value.__notes__)
+    assert seen[:4] == [0, 2, 4, 6] and len(seen) <= 5
+    await pipeline.aclose()
+    assert all(task.done() for task in asyncio.all_tasks() if task.get_name().startswith("stage-"))
+
+
+async def test_a_failure_wakes_a_producer_blocked_on_a_full_pipeline():
+    pipeline = Pipeline([FailOn(0)], queue_depth=1)
+    await pipeline.start()
+    with pytest.raises(ValueError):
+        await run_together(feed(pipeline, range(50)), collect(pipeline))
+
+
+async def test_a_slow_stage_holds_back_the_producer_with_bounded_queues():
+    gate = Gate()
+    pipeline = Pipeline([Double(), gate], queue_depth=2)
+    await pipeline.start()
+    producer = asyncio.ensure_future(feed(pipeline, range(100)))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    # gate holds 1, two queues of 2 and the double stage 1: the producer waits instead of queueing 100 items
+    assert not producer.done()
+    assert len(gate.taken) == 1
+    gate.open.set()
+    results = await collect(pipeline)
+    await producer
+    assert results == [2 * i for i in range(100)]
+
+
+async def test_flush_drops_queued_work_and_later_input_flows_again():
+    gate = Gate()
+    repeat = Repeat(1)
+    pipeline = Pipeline([repeat, gate], queue_depth=8)
+    await pipeline.start()
+    for item in range(6):
+        await pipeline.put(item)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    pipeline.flush()
+    assert repeat.flushed == 1
+    gate.open.set()
+    await feed(pipeline, [100, 101])
+    results = await collect(pipeline)
+    # the item the gate already held is stale and never comes out; everything queued is gone
+    assert results == [100, 101, "trailer"]
+
+
+async def test_cancelling_the_consumer_leaves_no_stage_task_running():
+    pipeline = Pipeline([Double(), Gate()])
+    await pipeline.start()
+    consumer = asyncio.ensure_future(collect(pipeline))
+    await pipeline.put(1)
+    await asyncio.sleep(0.01)
+    consumer.cancel()
+    await pipeline.aclose()
+    assert all(task.done() for task in asyncio.all_tasks() if task.get_name().startswith("stage-"))
+
+
+async def test_batches_fill_when_items_wait_and_stay_small_when_they_trickle():
+    pipeline = Pipeline([Batcher(max_batch=4, max_wait_ms=5)], queue_depth=16)
+    await pipeline.start()
+    for item in range(10):
+        await pipeline.put(item)
+    await pipeline.end()
+    assert await collect(pipeline) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+    pipeline = Pipeline([Batcher(max_batch=4, max_wait_ms=1)], queue_depth=16)
+    await pipeline.start()
+
+    async def trickle() -> None:
+        for item in range(3):
+            await pipeline.put(item)
+            await asyncio.sleep(0.02)
+        await pipeline.end()
+
+    results, _ = await asyncio.gather(collect(pipeline), trickle())
+    assert results == [[0], [1], [2]]
+
+
+async def test_profile_counts_items_and_offloaded_work():
+    stage = Double()
+    pipeline = Pipeline([stage])
+    await pipeline.start()
+    await asyncio.gather(collect(pipeline), feed(pipeline, range(10)))
+    row = pipeline.profiler.summary(frames=10)[0]
+    assert row["stage"] == "double" and row["items"] == 10
+    assert stage.timing.calls == 10 and stage.timing.work_ns > 0
+    assert "double" in pipeline.profiler.table(10)
