@@ -2,7 +2,7 @@
 
 The pipeline (facts in `spec/visemes.md`):
 1. `SpectralAnalyser`: every 20 ms hop, a 32 ms Hann window -> band energies and LPC formants F1/F2, computed
-   for many hops at once (one batched FFT, a batched Levinson recursion, batched companion-matrix roots).
+   for many hops at once (one batched FFT, batched Toeplitz solves for the LPC, batched companion-matrix roots).
 2. `SpeakerNormaliser`: running, decaying histograms give per-session percentiles of level and formants, so
    thresholds follow the voice instead of fixed dB or Hz; each hop becomes a mouth target (aperture, width,
    closure), using only what was heard up to that hop.
@@ -164,6 +164,10 @@ class RunningPercentiles:
         return min(max(int(round((value - self.edges_low) / self.step)), 0), len(self.counts) - 1)
 
 
+def _clip01(value: float) -> float:
+    return min(max(value, 0.0), 1.0)
+
+
 class SpeakerNormaliser:
     """Turns hop features into mouth targets relative to this voice: level, F1 and F2 percentiles per session."""
 
@@ -171,9 +175,10 @@ class SpeakerNormaliser:
     AUDIBLE_RANGE_DB = 32.0     # below peak - this: silent (pause or stop closure)
     LOUDNESS_RANGE_DB = 26.0    # loudness 0..1 spans peak - this .. peak
     DIP_DB = 12.0               # a murmur-like hop this far under the peak is a lip closure
+    MURMUR_DIP_DB = 6.0         # even a clear murmur is this much under the peak (a loud one is a /w/ or /u/)
     APERTURE_PEAK = 0.36        # IOD at full loudness and the most open vowel
-    SPREAD_WIDTH = 0.075        # IOD for the most spread vowel (/i/)
-    ROUND_WIDTH = 0.065         # IOD for the most rounded vowel (/u/)
+    SPREAD_WIDTH = 0.08         # IOD for the most spread vowel (/i/)
+    ROUND_WIDTH = 0.07          # IOD for the most rounded vowel (/u/)
 
     def __init__(self) -> None:
         half_life = 1500.0  # hops (30 s): adapts to a new voice, ignores a sentence of odd vowels
@@ -195,10 +200,10 @@ class SpeakerNormaliser:
             self.peak_db = self.level.quantile(0.9)
         peak_db = self.peak_db
         silent = (not audible) or band_db < peak_db - self.AUDIBLE_RANGE_DB
-        loudness = 0.0 if silent else min(max((band_db - peak_db + self.LOUDNESS_RANGE_DB) / self.LOUDNESS_RANGE_DB, 0.0), 1.0)
+        loudness = 0.0 if silent else _clip01((band_db - peak_db + self.LOUDNESS_RANGE_DB) / self.LOUDNESS_RANGE_DB)
 
-        murmur = low_ratio >= 0.85 and high_ratio < 0.015 and band_db < peak_db - 6
-        voice_bar = band_db < peak_db - 14 and low_ratio >= 0.9 and high_ratio < 0.05
+        murmur = low_ratio >= 0.85 and high_ratio < 0.015 and band_db < peak_db - self.MURMUR_DIP_DB
+        voice_bar = band_db < peak_db - self.DIP_DB and low_ratio >= 0.8 and high_ratio < 0.05
         # A weak, flat-spectrum burst right after a silence is a lip release (/p/ /b/): /t/ /k/ /s/ bursts are
         # hissy (much power above 2 kHz) and an open vowel starting after a pause has little below 400 Hz.
         release = self.previous_silent and band_db < peak_db - self.DIP_DB and high_ratio < 0.18 and low_ratio > 0.22
@@ -216,12 +221,12 @@ class SpeakerNormaliser:
 
         f1_low, f1_high = self.f1.quantile(0.1), self.f1.quantile(0.9)
         f2_low, f2_high = self.f2.quantile(0.1), self.f2.quantile(0.9)
-        jaw = min(max((f1_hz - f1_low) / max(f1_high - f1_low, 50.0), 0.0), 1.0)
-        front = min(max((f2_hz - f2_low) / max(f2_high - f2_low, 100.0), 0.0), 1.0)
+        jaw = _clip01((f1_hz - f1_low) / max(f1_high - f1_low, 50.0))
+        front = _clip01((f2_hz - f2_low) / max(f2_high - f2_low, 100.0))
         aperture = self.APERTURE_PEAK * loudness * (0.3 + 0.7 * jaw)
-        spread = min(max((front - 0.55) / 0.35, 0.0), 1.0)
+        spread = _clip01((front - 0.55) / 0.35)
         # Low F2 means rounding only for close and mid vowels: /a/ also has a low F2 but an open jaw.
-        rounding = min(max((0.55 - front) / 0.3, 0.0), 1.0) * min(max((0.85 - jaw) / 0.3, 0.0), 1.0)
+        rounding = _clip01((0.55 - front) / 0.3) * _clip01((0.85 - jaw) / 0.3)
         width = self.SPREAD_WIDTH * spread - self.ROUND_WIDTH * rounding
         self.width_hold = width
         return HopTargets(aperture, width, False, False, loudness)
@@ -230,7 +235,7 @@ class SpeakerNormaliser:
 class BlinkSchedule:
     """Seeded blinks every 2–6 s: close in 40 ms, stay shut 30 ms, reopen in 70 ms (≈140 ms in all).
 
-    The 30 ms hold keeps the lids fully shut at some frame centre at 25 fps and above.
+    The hold keeps the lids at least 90 % shut for ≈ 50 ms, so some frame centre sees it at 25 fps and above.
     """
 
     CLOSE_S, HOLD_S, OPEN_S = 0.040, 0.030, 0.070
@@ -307,7 +312,7 @@ class EmbeddedMotion:
         self.window = self.clock.samples_of_ms(self.WINDOW_MS)
         self.lookahead = self.clock.samples_of_ms(lookahead_ms)
         if self.lookahead < self.window // 2:
-            raise ValueError(f"lookahead_ms={lookahead_ms} is shorter than half the {self.WINDOW_MS} ms analysis window")
+            raise ValueError(f"lookahead_ms={lookahead_ms} is under half the {self.WINDOW_MS} ms analysis window")
         self.still = still
         self.frame_s = self.clock.frame_ms / 1000.0
         self.analyser = SpectralAnalyser(sample_rate_hz=sample_rate_hz, window=self.window, lpc_order=self.LPC_ORDER)

