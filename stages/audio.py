@@ -27,6 +27,7 @@ AAC_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64
 FALLBACK_RATE_HZ = 48000
 _WAVE_FORMAT_PCM, _WAVE_FORMAT_FLOAT, _WAVE_FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
 _LIVE_READ_MS = 20
+_MAX_HOPS = 50  # a chunk from a file holds at most a second of hops: bounded memory and steady flow
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +182,8 @@ def _fit(samples: np.ndarray, speech: SpeechFormat, rate_hz: int, resample: av.A
     if resample is None:
         yield samples
         return
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples).reshape(1, -1), format="s16", layout=_layout(speech))
+    packed = np.ascontiguousarray(samples).reshape(1, -1)
+    frame = av.AudioFrame.from_ndarray(packed, format="s16", layout=_layout(speech))
     frame.sample_rate = rate_hz
     for out in resample.resample(frame):
         yield out.to_ndarray().reshape(-1, speech.channels)
@@ -279,20 +281,29 @@ class FeatureChunker(Stage):
             self._pcm_total += len(samples)
 
     def _cut(self, *, final: bool) -> list[AudioChunk]:
+        """Every whole hop ready, in one chunk of at most `_MAX_HOPS` (live input makes one hop at a time)."""
         chunks = []
         pcm_step = FEATURE_RATE_HZ * self.chunk_ms // 1000
         while True:
-            speech_end = math.floor((self._index + 1) * self.chunk_ms * self.speech.rate_hz / 1000)
-            speech_start = math.floor(self._index * self.chunk_ms * self.speech.rate_hz / 1000)
-            have_pcm = len(self._pcm) >= pcm_step
-            have_speech = self._speech_total >= speech_end
-            if not (have_pcm and have_speech) and not (final and (len(self._pcm) or self._speech_buffered)):
-                return chunks
-            take_pcm = self._pcm[:pcm_step]
-            self._pcm = self._pcm[len(take_pcm):]
-            wanted = speech_end - speech_start if have_speech else self._speech_buffered
-            chunks.append(AudioChunk(self._index, take_pcm, self._take_speech(wanted)))
-            self._index += 1
+            hops = min(len(self._pcm) // pcm_step, _MAX_HOPS)
+            while hops and self._speech_total < self._speech_sample(self._index + hops):
+                hops -= 1
+            if not hops:
+                if not (final and (len(self._pcm) or self._speech_buffered)):
+                    return chunks
+                pcm, speech = self._pcm, self._take_speech(self._speech_buffered)
+                self._pcm = self._pcm[:0]
+                hops = 1
+            else:
+                pcm = self._pcm[: hops * pcm_step]
+                self._pcm = self._pcm[hops * pcm_step:]
+                speech = self._take_speech(self._speech_sample(self._index + hops) - self._speech_sample(self._index))
+            chunks.append(AudioChunk(self._index, pcm, speech))
+            self._index += hops
+
+    def _speech_sample(self, hop: int) -> int:
+        """First speech sample of hop number `hop`."""
+        return math.floor(hop * self.chunk_ms * self.speech.rate_hz / 1000)
 
     def _take_speech(self, count: int) -> np.ndarray:
         joined = np.concatenate(self._speech_parts) if len(self._speech_parts) != 1 else self._speech_parts[0]

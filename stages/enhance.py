@@ -37,13 +37,14 @@ class LightEnhancer:
         *,
         amount: float = 0.5,
         clahe_clip: float = 2.0,
-        clahe_strength: float = 0.5,
+        clahe_strength: float = 0.2,
     ) -> None:
         """`amount` scales the detail unsharp masking adds back (0 = none); `clahe_clip` is CLAHE's clip limit.
 
         `clahe_strength` mixes the CLAHE result into the luma (0 = off, 1 = all of it): full-strength CLAHE at
-        clip 2 visibly darkens and roughens a well-lit face (mean change ~16 grey levels on the astronaut), half
-        of it reads as "a bit crisper".
+        clip 2 visibly darkens and roughens a well-lit face (mean change ~16 grey levels on the astronaut), and it
+        moves dlib's face descriptor away from the portrait (median distance +0.04 at half strength, +0.01 at 0.2),
+        so only a fifth of it is mixed in by default.
         """
         x0, y0, x1, y1 = (int(v) for v in roi)
         if not (0 <= x0 < x1 and 0 <= y0 < y1):

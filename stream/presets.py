@@ -79,7 +79,7 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("video", "max_side_px"): (lambda v: 64 <= v <= 8192, "an integer from 64 to 8192"),
     ("stream", "chunk_ms"): (lambda v: v in (10, 20, 40), "10, 20 or 40"),
     ("stream", "queue_depth"): (lambda v: 1 <= v <= 256, "an integer from 1 to 256"),
-    ("motion", "lookahead_ms"): (lambda v: 0 <= v <= 200, "an integer from 0 to 200"),
+    ("motion", "lookahead_ms"): (lambda v: 20 <= v <= 200, "an integer from 20 to 200"),
     ("render", "crop_size"): (lambda v: 64 <= v <= 1024, "an integer from 64 to 1024"),
     ("render", "max_batch"): (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
     ("render", "max_wait_ms"): (lambda v: 0 <= v <= 1000, "a number of ms from 0 to 1000"),

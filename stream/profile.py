@@ -81,9 +81,8 @@ class Profiler:
     def table(self, frames: int) -> str:
         """The per-stage performance summary printed by `--profile`."""
         rows = self.summary(frames)
-        lines = [
-            f"{'stage':<10} {'ms/frame':>9} {'cpu ms/fr':>9} {'items':>7} {'wait ms':>9} {'blocked ms':>10} {'share':>6}"
-        ]
+        header = f"{'stage':<10} {'ms/frame':>9} {'cpu ms/fr':>9} {'items':>7} {'wait ms':>9} {'blocked ms':>10}"
+        lines = [f"{header} {'share':>6}"]
         for row in rows:
             lines.append(
                 f"{row['stage']:<10} {row['ms_per_frame']:>9.3f} {row['cpu_ms_per_frame']:>9.3f} {row['items']:>7d}"

@@ -135,3 +135,37 @@ def test_frames_stream_out_while_speech_streams_in(fmt: str):
     first_audio, audio_end = times
     assert arrivals[0] - first_audio < 1.0, f"first frame after {arrivals[0] - first_audio:.2f} s"
     assert arrivals[-1] - audio_end < 1.0, f"last frame {arrivals[-1] - audio_end:.2f} s after the speech ended"
+
+
+def test_converting_only_the_changed_region_gives_the_same_picture():
+    from fractions import Fraction
+
+    from stages.sinks import PipeSink
+    from stream.frames import StreamInfo, VideoFrame
+
+    portrait = cv2.imread(str(PORTRAIT))
+    info = StreamInfo(512, 512, Fraction(25), 16000, 1)
+    rng = np.random.default_rng(0)
+    frames, boxes = [], [(131, 57, 317, 243), (140, 61, 301, 250), (131, 57, 317, 243)]
+    for box in boxes:
+        image = portrait.copy()
+        x0, y0, x1, y1 = box
+        image[y0:y1, x0:x1] = rng.integers(0, 256, (y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        frames.append(VideoFrame(len(frames), image, np.zeros((0, 1), np.int16), box))
+
+    class Collect:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data) -> None:
+            self.data += bytes(data)
+
+        def flush(self) -> None:
+            pass
+
+    damage, whole = Collect(), Collect()
+    for target, keep_box in ((damage, True), (whole, False)):
+        sink = PipeSink(target, info, "y4m")
+        for frame in frames:
+            sink.write(frame if keep_box else VideoFrame(frame.index, frame.image, frame.speech))
+    assert damage.data == whole.data
