@@ -79,16 +79,21 @@ def test_silent_audio_renders_the_face_at_rest(tmp_path: Path):
 
 def test_several_faces_animate_the_largest_and_say_so(tmp_path: Path):
     portrait = cv2.imread(str(PORTRAIT))
-    small = cv2.resize(portrait, (256, 256), interpolation=cv2.INTER_AREA)
-    group = np.full((512, 768, 3), 200, np.uint8)
+    smaller = cv2.resize(portrait, (440, 440), interpolation=cv2.INTER_AREA)
+    group = np.full((512, 960, 3), 200, np.uint8)
     group[:, :512] = portrait
-    group[100:356, 512:] = small
+    group[36:476, 520:] = smaller
     image = tmp_path / "two.png"
     cv2.imwrite(str(image), group)
     out = tmp_path / "two.mp4"
     result = run_cli("render", image, SPEECH, "-o", out, "--preset", "ultra_fast")
     assert result.returncode == 0, result.stderr.decode()
     assert "found 2 faces; animating the largest" in result.stderr.decode()
+    with av.open(str(out)) as container:
+        frames = np.stack([frame.to_ndarray(format="bgr24") for frame in container.decode(video=0)])
+    motion = frames.astype(np.float32).std(axis=0).mean(axis=2)
+    assert motion[130:165, 195:255].mean() > 5          # the large face speaks
+    assert motion[:, 520:].mean() < 1.0                  # the smaller one stays a photo
 
 
 def _feed_in_real_time(pipe, data: bytes, rate: int, started: list[float]) -> None:
@@ -169,3 +174,41 @@ def test_converting_only_the_changed_region_gives_the_same_picture():
         for frame in frames:
             sink.write(frame if keep_box else VideoFrame(frame.index, frame.image, frame.speech))
     assert damage.data == whole.data
+
+
+def test_ctrl_c_leaves_no_output_behind(tmp_path: Path):
+    import signal
+
+    long_speech = tmp_path / "long.wav"
+    samples, rate = np.frombuffer(SPEECH.read_bytes()[44:], "<i2"), 22050
+    with wave.open(str(long_speech), "wb") as wav:
+        wav.setnchannels(1), wav.setsampwidth(2), wav.setframerate(rate)
+        wav.writeframes(np.tile(samples, 20).tobytes())
+    out = tmp_path / "long.mp4"
+    process = subprocess.Popen([sys.executable, "-m", "stream.cli", "render", str(PORTRAIT), str(long_speech),
+                                "-o", str(out), "--preset", "quality"], cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".long.mp4.*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".long.mp4.*")), "the render never started writing"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(30) == 130
+    assert "interrupted" in process.stderr.read().decode()
+    assert not out.exists() and not list(tmp_path.glob(".long.mp4*"))
+
+
+def test_help_answers_without_loading_media_libraries():
+    script = ("import sys\nfrom stream.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('numpy', 'cv2', 'av', 'dlib', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=ROOT, timeout=60)
+    assert result.stdout.decode().splitlines()[-1] == "[]"
+    assert b"talkstream render examples/astronaut.png" in result.stdout
+
+
+def test_doctor_reports_the_landmark_licence_and_renders_a_second():
+    result = run_cli("doctor")
+    text = result.stdout.decode()
+    assert result.returncode == 0, text
+    assert "excludes commercial use" in text
+    assert "1 s of speech -> 25 frames" in text
