@@ -13,9 +13,12 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from stages.enhance import Enhancer, Roi
+from stream.frames import FaceCrop, VideoFrame
+from stream.pipeline import DRAIN_MAX, Inbox, Outbox, Stage
+
 BLEND_MODES = ("alpha", "feather", "pyramid", "seamless")
 
-Roi = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels, exclusive end
 
 
 class _RoiMethod(Protocol):
@@ -154,6 +157,7 @@ class Blender:
         rows, columns = self._slices
         mask = _checked_mask(mask, (rows.stop - rows.start, columns.stop - columns.start))
         self.mode = mode
+        self.roi = (columns.start, rows.start, columns.stop, rows.stop)
         self._background = background.copy()
         self._background.flags.writeable = False
         self._crop_shape = (*mask.shape, 3)
@@ -206,3 +210,34 @@ def _checked_mask(mask: np.ndarray, crop_size: tuple[int, int]) -> np.ndarray:
     if mask.max() == 0.0:
         raise ValueError("mask is zero everywhere: nothing of the crop would be blended")
     return mask
+
+
+class ComposeStage(Stage):
+    """FaceCrop -> VideoFrame: back to frame scale, pasted into the portrait, then enhanced.
+
+    The enhancer runs on this stage's thread: a hop of its own would cost more than the light enhancer itself.
+    """
+
+    name = "compose"
+
+    def __init__(self, blender: Blender, enhancer: Enhancer | None) -> None:
+        super().__init__()
+        self.blender = blender
+        self.enhancer = enhancer
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for batch in inbox.batches(DRAIN_MAX, 0):
+            for frame in await self.offload(self._compose, batch):
+                await outbox.put(frame)
+
+    def compose(self, crop: np.ndarray) -> np.ndarray:
+        x0, y0, x1, y1 = self.blender.roi
+        if crop.shape[1] != x1 - x0 or crop.shape[0] != y1 - y0:
+            crop = cv2.resize(crop, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        frame = self.blender.blend(crop)
+        if self.enhancer is not None:
+            self.enhancer.enhance(frame)
+        return frame
+
+    def _compose(self, batch: list[FaceCrop]) -> list[VideoFrame]:
+        return [VideoFrame(item.index, self.compose(item.crop), item.speech, self.blender.roi) for item in batch]

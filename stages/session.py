@@ -26,22 +26,19 @@ import cv2
 import numpy as np
 
 from stages.audio import AudioReader, FeatureChunker, SpeechFormat, output_format
-from stages.blend import Blender
+from stages.blend import Blender, ComposeStage
 from stages.enhance import make_enhancer
-from stages.motion import EmbeddedMotion, Expression
+from stages.motion import EmbeddedMotion, MotionStage, SpeechBuffer
 from stages.portrait import Portrait, prepare_portrait
 from stages.render import WarpRenderer
 from stages.sinks import Sink
 from stream.clock import FrameClock
-from stream.frames import AudioChunk, FaceCrop, Motion, StreamInfo, VideoFrame
-from stream.pipeline import Inbox, Outbox, Pipeline, Stage, run_together
+from stream.frames import FaceCrop, Motion, StreamInfo, VideoFrame
+from stream.pipeline import DRAIN_MAX, Inbox, Outbox, Pipeline, Stage, run_together
 from stream.presets import Preset, PresetBook, build_section, check_fixed
 from stream.profile import Profiler
 
 BACKENDS = ("embedded",)
-# Stages take whatever is already queued in one hop to their thread (never waiting for more): a file render
-# amortises the hand-off over many items, a live stream still moves one item at a time.
-_DRAIN_MAX = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,64 +118,6 @@ class Avatar:
                      profiler: Profiler | None = None) -> Session:
         return Session(self, output_format(speech_rate_hz, speech_channels), profiler=profiler)
 
-    def compose(self, crop: np.ndarray) -> np.ndarray:
-        """A rendered crop -> a finished frame: back to frame scale, pasted, enhanced."""
-        x0, y0, x1, y1 = self.portrait.roi
-        if crop.shape[1] != x1 - x0 or crop.shape[0] != y1 - y0:
-            crop = cv2.resize(crop, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-        frame = self.blender.blend(crop)
-        if self.enhancer is not None:
-            self.enhancer.enhance(frame)
-        return frame
-
-
-class MotionStage(Stage):
-    """AudioChunks -> Motion: one Expression per video frame, with that frame's share of the speech."""
-
-    name = "motion"
-
-    def __init__(self, preset: Preset, settings: EmbeddedSettings, speech: SpeechFormat) -> None:
-        super().__init__()
-        self._new_model = lambda: EmbeddedMotion(fps=preset.video.frame_rate, lookahead_ms=preset.motion.lookahead_ms,
-                                                 seed=settings.seed, still=settings.still)
-        self.model = self._new_model()
-        self.clock = FrameClock(preset.video.frame_rate, speech.rate_hz)
-        self.channels = speech.channels
-        self._speech: list[np.ndarray] = []
-        self._speech_start = 0  # sample number of the first buffered sample
-
-    def on_flush(self) -> None:
-        self.model.interrupt()
-        self._speech = []
-
-    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        # Everything already queued goes in one call: live chunks come one at a time, a file's come in a flood.
-        async for chunks in inbox.batches(_DRAIN_MAX, 0):
-            for motion in await self.offload(self._push, chunks):
-                await outbox.put(motion)
-        for motion in await self.offload(self._finish):
-            await outbox.put(motion)
-
-    def _push(self, chunks: list[AudioChunk]) -> list[Motion]:
-        self._speech.extend(chunk.speech for chunk in chunks)
-        pcm = chunks[0].pcm if len(chunks) == 1 else np.concatenate([chunk.pcm for chunk in chunks])
-        return [self._motion(expression, last=False) for expression in self.model.push(pcm)]
-
-    def _finish(self) -> list[Motion]:
-        return [self._motion(expression, last=True) for expression in self.model.finish()]
-
-    def _motion(self, expression: Expression, *, last: bool) -> Motion:
-        buffered = np.concatenate(self._speech) if len(self._speech) > 1 else (
-            self._speech[0] if self._speech else np.zeros((0, self.channels), np.int16))
-        start, end = self.clock.start(expression.index), self.clock.start(expression.index + 1)
-        begin = max(0, start - self._speech_start)
-        stop = len(buffered) if last else max(begin, end - self._speech_start)
-        speech = buffered[begin:stop]
-        rest = buffered[stop:]
-        self._speech = [rest] if len(rest) else []
-        self._speech_start += stop
-        return Motion(expression.index, expression, speech)
-
 
 class RenderStage(Stage):
     """Motion -> FaceCrop, in latency-bounded batches (`render.max_batch`, `render.max_wait_ms`)."""
@@ -199,25 +138,6 @@ class RenderStage(Stage):
         return [FaceCrop(m.index, self.avatar.renderer.render(m.pose), m.speech) for m in batch]
 
 
-class ComposeStage(Stage):
-    """FaceCrop -> VideoFrame: paste back into the portrait and enhance."""
-
-    name = "compose"
-
-    def __init__(self, avatar: Avatar) -> None:
-        super().__init__()
-        self.avatar = avatar
-
-    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        async for batch in inbox.batches(_DRAIN_MAX, 0):
-            for frame in await self.offload(self._compose, batch):
-                await outbox.put(frame)
-
-    def _compose(self, batch: list[FaceCrop]) -> list[VideoFrame]:
-        roi = self.avatar.portrait.roi
-        return [VideoFrame(item.index, self.avatar.compose(item.crop), item.speech, roi) for item in batch]
-
-
 class Session:
     """One stream of speech in, frames out, on an avatar. Push from one task, iterate frames from another."""
 
@@ -230,9 +150,11 @@ class Session:
         self.profiler = profiler or Profiler()
         stages: list[Stage] = [
             FeatureChunker(speech, preset.stream.chunk_ms),
-            MotionStage(preset, avatar.settings, speech),
+            MotionStage(EmbeddedMotion(fps=preset.video.frame_rate, lookahead_ms=preset.motion.lookahead_ms,
+                                       seed=avatar.settings.seed, still=avatar.settings.still),
+                        SpeechBuffer(FrameClock(preset.video.frame_rate, speech.rate_hz), speech.channels)),
             RenderStage(avatar),
-            ComposeStage(avatar),
+            ComposeStage(avatar.blender, avatar.enhancer),
         ]
         self._pipeline = Pipeline(stages, queue_depth=preset.stream.queue_depth, profiler=self.profiler)
         self._started = False
@@ -261,7 +183,7 @@ class Session:
     def frames(self) -> AsyncIterator[VideoFrame]:
         return self._pipeline.results()
 
-    def frame_batches(self, max_batch: int = _DRAIN_MAX) -> AsyncIterator[list[VideoFrame]]:
+    def frame_batches(self, max_batch: int = DRAIN_MAX) -> AsyncIterator[list[VideoFrame]]:
         """Finished frames, several at a time when several are ready (cheaper for a sink on another thread)."""
         return self._pipeline.results(max_batch)
 

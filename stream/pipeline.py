@@ -20,6 +20,9 @@ from stream.profile import Profiler, StageTimes
 T = TypeVar("T")
 
 _END = EndOfStream()
+# Stages take whatever is already queued in one hop to their thread (never waiting for more): a file render
+# amortises the hand-off over many items, a live stream still moves one item at a time.
+DRAIN_MAX = 16
 
 
 @dataclass(frozen=True, slots=True)
