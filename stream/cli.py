@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 EXAMPLES = """examples:
   talkstream render examples/astronaut.png examples/speech.wav -o talk.mp4
@@ -51,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--format", choices=("mp4", "nut", "y4m", "rawvideo"),
                         help="output format (default: from the file name; nut for standard output)")
     _add_preset_options(render)
-    render.add_argument("--rate", type=int, metavar="HZ", help="standard input is raw s16le PCM at this rate")
-    render.add_argument("--channels", type=int, default=1, help="channels of raw input (default: %(default)s)")
+    render.add_argument("--rate", type=_positive(int), metavar="HZ", help="standard input is raw s16le PCM at this "
+                        "rate")
+    render.add_argument("--channels", type=_positive(int), default=1, help="channels of raw input (default: "
+                        "%(default)s)")
     render.add_argument("--profile", action="store_true", help="print where the time went, per stage")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -61,14 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure fps, real-time factor, first-frame latency, per-stage ms")
     bench.add_argument("--presets", default="ultra_fast,fast,balanced,quality",
                        help="comma-separated presets (default: %(default)s)")
-    bench.add_argument("--seconds", type=float, default=60.0, help="length of the long speech (default: %(default)s)")
-    bench.add_argument("--runs", type=int, default=3, help="warm runs per preset; the median is kept")
+    bench.add_argument("--seconds", type=_positive(float), default=60.0, help="length of the long speech (default: "
+                       "%(default)s)")
+    bench.add_argument("--runs", type=_positive(int), default=3, help="warm runs per preset; the median is kept")
     bench.add_argument("--backend", default="embedded", help="backend (default: %(default)s)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
 
     doctor = commands.add_parser("doctor", help="check dependencies, threads, landmark model; render 1 s")
     doctor.add_argument("--checkpoints", type=Path, metavar="DIR", help="also check model checkpoints in DIR")
     return parser
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type for numbers above zero (argparse turns the ValueError into a usage error, exit 2)."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
 
 
 def _add_preset_options(parser: argparse.ArgumentParser) -> None:

@@ -114,10 +114,12 @@ class Outbox:
         self._times = times
 
     async def put(self, item: Any) -> None:
-        generation = self._inbox.generation if self._inbox is not None else self._control.generation
-        if generation < self._control.generation:
-            return
-        if not isinstance(item, EndOfStream):
+        if isinstance(item, EndOfStream):
+            generation = self._control.generation  # the end is never stale: a flush must not swallow it
+        else:
+            generation = self._inbox.generation if self._inbox is not None else self._control.generation
+            if generation < self._control.generation:
+                return
             self._times.items += 1
         started = time.perf_counter_ns()
         await self._queue.put(_Entry(generation, item))
@@ -144,7 +146,16 @@ class Stage:
         raise NotImplementedError
 
     def on_flush(self) -> None:
-        """Called on barge-in, on the event loop: drop internal state that belongs to the flushed speech."""
+        """Barge-in: drop internal state that belongs to the flushed speech.
+
+        Runs on the stage's own thread, after the work in flight there, so it never races that work.
+        """
+
+    def flush(self) -> None:
+        if self._pool is None:
+            self.on_flush()
+        else:
+            self._pool.submit(self.on_flush)
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on this stage's own thread, timing its CPU and wall time for the profile."""
@@ -253,7 +264,7 @@ class Pipeline:
             for entry in kept:
                 queue.put_nowait(entry)
         for stage in self.stages:
-            stage.on_flush()
+            stage.flush()
 
     async def join(self) -> None:
         """Wait for every stage to finish; re-raise the first failure."""

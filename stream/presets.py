@@ -17,8 +17,6 @@ from stream.errors import PresetError
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets.toml"
 
-BLEND_MODES = ("alpha", "feather", "pyramid", "seamless")
-ENHANCERS = ("none", "light", "best")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 X264_TUNES = ("zerolatency", "film", "animation", "grain", "stillimage", "fastdecode")
 
@@ -83,8 +81,6 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("render", "crop_size"): (lambda v: 64 <= v <= 1024, "an integer from 64 to 1024"),
     ("render", "max_batch"): (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
     ("render", "max_wait_ms"): (lambda v: 0 <= v <= 1000, "a number of ms from 0 to 1000"),
-    ("blend", "mode"): (lambda v: v in BLEND_MODES, "one of " + ", ".join(BLEND_MODES)),
-    ("enhance", "enhancer"): (lambda v: v in ENHANCERS, "one of " + ", ".join(ENHANCERS)),
     ("encode", "video_codec"): (lambda v: v in ("libx264",), "libx264"),
     ("encode", "x264_preset"): (lambda v: v in X264_PRESETS, "one of " + ", ".join(X264_PRESETS)),
     ("encode", "x264_tune"): (lambda v: v in X264_TUNES, "one of " + ", ".join(X264_TUNES)),
@@ -233,6 +229,12 @@ def build_preset(name: str, table: Mapping[str, Any]) -> Preset:
         checks = {key: check for (where, key), check in _CHECKS.items() if where == section}
         sections[section] = build_section(cls, table.get(section, {}), section, checks)
     return Preset(name=name, description=str(table.get("description", "")), **sections)
+
+
+def check_choice(preset: Preset, dotted: str, choices: tuple[str, ...]) -> None:
+    """Values whose choices belong to the stages (blend modes, enhancers) are checked by them, with this message."""
+    if preset.value(dotted) not in choices:
+        raise PresetError(f"bad value {preset.value(dotted)!r} for {dotted}; expected one of {', '.join(choices)}")
 
 
 def check_fixed(preset: Preset, fixed: Mapping[str, Any], backend: str) -> None:

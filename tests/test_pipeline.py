@@ -209,3 +209,12 @@ async def test_profile_counts_items_and_offloaded_work():
     assert row["stage"] == "double" and row["items"] == 10
     assert stage.timing.calls == 10 and stage.timing.work_ns > 0
     assert "double" in pipeline.profiler.table(10)
+
+
+async def test_a_flush_after_the_end_still_ends_the_stream():
+    pipeline = Pipeline([Double(), Double()], queue_depth=4)
+    await pipeline.start()
+    await pipeline.put(1)
+    await pipeline.end()
+    pipeline.flush()
+    assert await asyncio.wait_for(collect(pipeline), 5) in ([], [4])

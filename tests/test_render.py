@@ -220,6 +220,48 @@ def test_a_closed_mouth_portrait_opens_with_painted_teeth(stage: Stage, measurer
     assert opened[below_upper_lip[1], below_upper_lip[0]].mean() > 120  # a tooth, not the dark cavity
 
 
+def _teeth_coloured(image: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Pixels far brighter and far less red than the median of the lips (inside the outer lip contour)."""
+    colours = image.astype(np.float64)
+    luma = colours @ np.array([0.114, 0.587, 0.299])
+    redness = (colours[..., 2] - colours[..., 1]) / (luma + 1.0)
+    lips = _inside(points[48:60], image.shape) > 0
+    return (luma > np.median(luma[lips]) + 20.0) & (redness < 0.5 * np.median(redness[lips]))
+
+
+def _inside(polygon: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    inside = np.zeros(shape[:2], dtype=np.uint8)
+    cv2.fillPoly(inside, [np.round(polygon).astype(np.int32)], 1)
+    return inside
+
+
+def test_closed_lips_show_no_teeth_along_the_seam(stage: Stage) -> None:
+    """The photo smiles with its teeth; closed, nothing near white may lie along the line where the lips meet."""
+    closed = stage.renderer.render(Expression(0))
+    points = stage.renderer.landmarks_for(Expression(0))
+    seam = np.zeros(closed.shape[:2], dtype=np.uint8)
+    cv2.polylines(seam, [np.round(points[60:65] * 16).astype(np.int32)], False, 1, 1, cv2.LINE_8, 4)
+    band = (cv2.distanceTransform(1 - seam, cv2.DIST_L2, 5) <= 2.0) & (_inside(points[48:60], closed.shape) > 0)
+    assert band.sum() > 100
+    assert not (band & _teeth_coloured(closed, points)).any()
+
+
+def test_a_slightly_parted_mouth_is_a_dark_slit_and_a_wider_one_shows_teeth(stage: Stage) -> None:
+    slit = Expression(0, aperture=0.03)
+    parted = stage.renderer.render(slit)
+    points = stage.renderer.landmarks_for(slit)
+    opening = _inside(points[60:68], parted.shape) > 0
+    assert opening.sum() > 20
+    assert not (opening & _teeth_coloured(parted, points)).any()
+    middle = np.round((points[62] + points[66]) / 2.0).astype(int)
+    assert parted[middle[1], middle[0]].mean() < 100  # the dark inside of the mouth
+
+    wide = Expression(0, aperture=0.15)
+    opened = stage.renderer.render(wide)
+    below_upper_lip = np.round(stage.renderer.landmarks_for(wide)[62] + (0, 1.5)).astype(int)
+    assert _teeth_coloured(opened, stage.renderer.landmarks_for(wide))[below_upper_lip[1], below_upper_lip[0]]
+
+
 def test_rejects_inputs_it_cannot_use(stage: Stage) -> None:
     points = _portrait_points(stage)
     with pytest.raises(ValueError):
