@@ -25,6 +25,8 @@ import numpy as np
 from scipy.spatial import Delaunay
 
 from stages.motion import Expression
+from stream.frames import FaceCrop, Motion
+from stream.pipeline import Inbox, Outbox, Stage
 
 UPPER_INNER = (61, 62, 63)
 LOWER_INNER = (67, 66, 65)  # paired with UPPER_INNER, as the aperture measure pairs them
@@ -867,3 +869,23 @@ def _lip_colour(crop: np.ndarray, points: np.ndarray) -> np.ndarray:
     if not lips.any():
         return np.array([90.0, 90.0, 160.0])
     return np.array(cv2.mean(crop, mask=lips)[:3])
+
+
+class RenderStage(Stage):
+    """Motion -> FaceCrop, in latency-bounded batches: the first frame after silence goes alone, a backlog together."""
+
+    name = "render"
+
+    def __init__(self, renderer: WarpRenderer, max_batch: int, max_wait_ms: float) -> None:
+        super().__init__()
+        self.renderer = renderer
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        async for batch in inbox.batches(self.max_batch, self.max_wait_ms):
+            for crop in await self.offload(self._render, batch):
+                await outbox.put(crop)
+
+    def _render(self, batch: list[Motion]) -> list[FaceCrop]:
+        return [FaceCrop(motion.index, self.renderer.render(motion.pose), motion.speech) for motion in batch]

@@ -32,12 +32,12 @@ from stages.blend import BLEND_MODES, Blender, ComposeStage
 from stages.enhance import ENHANCERS, make_enhancer
 from stages.motion import EmbeddedMotion, MotionStage, SpeechBuffer
 from stages.portrait import Portrait, prepare_portrait
-from stages.render import WarpRenderer
+from stages.render import RenderStage, WarpRenderer
 from stages.sinks import Sink
 from stream.clock import FrameClock
 from stream.errors import InputError, PresetError
-from stream.frames import FaceCrop, Motion, StreamInfo, VideoFrame
-from stream.pipeline import DRAIN_MAX, Inbox, Outbox, Pipeline, Stage, run_together
+from stream.frames import StreamInfo, VideoFrame
+from stream.pipeline import DRAIN_MAX, Pipeline, Stage, run_together
 from stream.presets import Preset, PresetBook, build_section, check_choice, check_fixed
 from stream.profile import Profiler, StageTimes
 
@@ -128,25 +128,6 @@ class Avatar:
         return Session(self, speech, profiler=profiler)
 
 
-class RenderStage(Stage):
-    """Motion -> FaceCrop, in latency-bounded batches (`render.max_batch`, `render.max_wait_ms`)."""
-
-    name = "render"
-
-    def __init__(self, avatar: Avatar) -> None:
-        super().__init__()
-        self.avatar = avatar
-
-    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        settings = self.avatar.preset.render
-        async for batch in inbox.batches(settings.max_batch, settings.max_wait_ms):
-            for crop in await self.offload(self._render, batch):
-                await outbox.put(crop)
-
-    def _render(self, batch: list[Motion]) -> list[FaceCrop]:
-        return [FaceCrop(m.index, self.avatar.renderer.render(m.pose), m.speech) for m in batch]
-
-
 class Session:
     """One stream of speech in, frames out, on an avatar. Push from one task, iterate frames from another."""
 
@@ -162,7 +143,7 @@ class Session:
             MotionStage(EmbeddedMotion(fps=preset.video.frame_rate, lookahead_ms=preset.motion.lookahead_ms,
                                        seed=avatar.settings.seed, still=avatar.settings.still),
                         SpeechBuffer(FrameClock(preset.video.frame_rate, speech.rate_hz), speech.channels)),
-            RenderStage(avatar),
+            RenderStage(avatar.renderer, preset.render.max_batch, preset.render.max_wait_ms),
             avatar.compose_stage(),
         ]
         self._pipeline = Pipeline(stages, queue_depth=preset.stream.queue_depth, profiler=self.profiler)

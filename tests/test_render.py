@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from stages.motion import Expression
+from stages.portrait import crop_box
 from stages.render import WarpRenderer
 from tests.quality import FaceMeasurer, mouth_geometry
 
@@ -17,13 +18,9 @@ PORTRAIT = Path(__file__).resolve().parent.parent / "examples" / "astronaut.png"
 
 
 def face_box(landmarks: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """The portrait stage's crop rule: a square twice the landmarks' larger side, centred, 10 % lower, clipped."""
-    low, high = landmarks.min(axis=0), landmarks.max(axis=0)
-    side = int(round(2.0 * float(np.max(high - low))))
-    centre = (low + high) / 2.0 + np.array([0.0, 0.1 * side])
-    left = int(np.clip(round(centre[0] - side / 2), 0, shape[1] - side))
-    top = int(np.clip(round(centre[1] - side / 2), 0, shape[0] - side))
-    return left, top, side
+    """The portrait stage's own crop rule, as (left, top, side)."""
+    x0, y0, x1, _ = crop_box(landmarks, shape[1], shape[0])
+    return x0, y0, x1 - x0
 
 
 class Stage:
