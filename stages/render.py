@@ -73,7 +73,7 @@ ROUND_MOVES = {
 # sweep on the astronaut; tests/test_render.py checks it). dlib reads a slit of dark cavity as a wider opening
 # than drawn and a wide one as narrower; it reads about 0.6 of a drawn change of the corners' distance.
 APERTURE_COMMANDED = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
-APERTURE_DRAWN = (0.0, 0.035, 0.09, 0.14, 0.195, 0.25, 0.3, 0.39, 0.43, 0.5)
+APERTURE_DRAWN = (0.0, 0.05, 0.085, 0.14, 0.195, 0.25, 0.3, 0.39, 0.43, 0.5)
 WIDTH_GAIN = 1.6
 # Drawn values at which the inverse warp is tabulated per avatar; others interpolate, beyond the ends they clamp.
 APERTURE_LEVELS = np.linspace(0.0, 0.55, 12)
