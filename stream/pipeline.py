@@ -51,24 +51,25 @@ class Inbox:
             started = time.perf_counter_ns()
             entry = await self._queue.get()
             self._times.wait_ns += time.perf_counter_ns() - started
-            if entry.generation < self._control.generation and not isinstance(entry.item, EndOfStream):
-                continue
-            self.generation = max(entry.generation, self.generation)
-            if isinstance(entry.item, EndOfStream):
-                self._ended = True
-            return entry.item
+            if self._accept(entry):
+                return entry.item
 
     def get_nowait(self) -> Any | None:
         """The next item if one is already queued, else None."""
         while not self._ended and not self._queue.empty():
             entry = self._queue.get_nowait()
-            if entry.generation < self._control.generation and not isinstance(entry.item, EndOfStream):
-                continue
-            self.generation = max(entry.generation, self.generation)
-            if isinstance(entry.item, EndOfStream):
-                self._ended = True
-            return entry.item
+            if self._accept(entry):
+                return entry.item
         return None
+
+    def _accept(self, entry: _Entry) -> bool:
+        """False for an item made stale by a flush; notes the generation and the end of the stream."""
+        ends = isinstance(entry.item, EndOfStream)
+        if entry.generation < self._control.generation and not ends:
+            return False
+        self.generation = max(entry.generation, self.generation)
+        self._ended = ends
+        return True
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._items()
@@ -80,12 +81,17 @@ class Inbox:
     async def batches(self, max_batch: int, max_wait_ms: float) -> AsyncIterator[list[Any]]:
         """Latency-bounded batches: the first item starts a batch, which closes when full or `max_wait_ms` later.
 
-        After silence the first batch is small (low first-frame latency); in steady state queued items fill it.
+        A stage that is keeping up (it waited for this item) sends it at once with whatever else is queued: the
+        first frame after silence never waits. A stage that is behind (items were already waiting) lets the batch
+        fill for up to `max_wait_ms`: throughput where there is a backlog, latency where there is none.
         """
         loop = asyncio.get_running_loop()
-        while not isinstance(first := await self.get(), EndOfStream):
+        while True:
+            behind = not self._queue.empty()
+            if isinstance(first := await self.get(), EndOfStream):
+                return
             batch = [first]
-            deadline = loop.time() + max_wait_ms / 1000
+            deadline = loop.time() + (max_wait_ms / 1000 if behind else 0.0)
             while len(batch) < max_batch:
                 item = self.get_nowait()
                 if item is None:

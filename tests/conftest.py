@@ -7,12 +7,35 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTRAIT = ROOT / "examples" / "astronaut.png"
 SPEECH = ROOT / "examples" / "speech.wav"
 VISEMES = ROOT / "tests" / "data" / "visemes.wav"
+FACE_ROI = (128, 32, 318, 222)  # a 190 px square around the astronaut's face box (179, 83)-(266, 170)
+
+
+def face_mask(size: int) -> np.ndarray:
+    """Soft elliptical face mask: exactly 1 inside, a smoothstep edge, exactly 0 towards the crop border."""
+    rows, columns = np.mgrid[0:size, 0:size].astype(np.float32)
+    radius = np.hypot((columns - 0.50 * size) / (0.40 * size), (rows - 0.52 * size) / (0.46 * size))
+    ramp = np.clip((1.0 - radius) / 0.25, 0.0, 1.0)
+    return (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def portrait() -> np.ndarray:
+    """The example portrait, BGR."""
+    return cv2.imread(str(PORTRAIT), cv2.IMREAD_COLOR)
+
+
+@pytest.fixture(scope="module")
+def mask() -> np.ndarray:
+    """`face_mask` sized for FACE_ROI."""
+    return face_mask(FACE_ROI[2] - FACE_ROI[0])
 
 
 @pytest.fixture(scope="session", autouse=True)

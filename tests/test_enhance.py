@@ -1,45 +1,24 @@
-"""The light enhancer on the astronaut portrait's face ROI, and the enhancer factory."""
+"""The light enhancer on the astronaut portrait's face FACE_ROI, and the enhancer factory."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from stages.enhance import ENHANCERS, LightEnhancer, make_enhancer
-
-PORTRAIT = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"
-ROI = (128, 32, 318, 222)  # 190 px square around the face box (179, 83)-(266, 170)
-
-
-@pytest.fixture(scope="module")
-def portrait() -> np.ndarray:
-    image = cv2.imread(str(PORTRAIT), cv2.IMREAD_COLOR)
-    assert image is not None, f"cannot read {PORTRAIT}"
-    return image
-
-
-@pytest.fixture(scope="module")
-def mask() -> np.ndarray:
-    """Soft elliptical face mask: exactly 1 inside, a smoothstep edge, exactly 0 towards the crop border."""
-    size = ROI[2] - ROI[0]
-    rows, columns = np.mgrid[0:size, 0:size].astype(np.float32)
-    radius = np.hypot((columns - 0.50 * size) / (0.40 * size), (rows - 0.52 * size) / (0.46 * size))
-    ramp = np.clip((1.0 - radius) / 0.25, 0.0, 1.0)
-    return (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)
+from tests.conftest import FACE_ROI
 
 
 @pytest.fixture(scope="module")
 def enhanced(portrait, mask) -> np.ndarray:
     frame = portrait.copy()
-    LightEnhancer(ROI, mask).enhance(frame)
+    LightEnhancer(FACE_ROI, mask).enhance(frame)
     return frame
 
 
 def roi_of(frame: np.ndarray) -> np.ndarray:
-    x0, y0, x1, y1 = ROI
+    x0, y0, x1, y1 = FACE_ROI
     return frame[y0:y1, x0:x1]
 
 
@@ -54,7 +33,7 @@ def test_light_enhancement_sharpens_the_face(portrait, mask, enhanced):
 
 
 def test_light_enhancement_leaves_pixels_outside_the_roi_and_the_mask_untouched(portrait, mask, enhanced):
-    x0, y0, x1, y1 = ROI
+    x0, y0, x1, y1 = FACE_ROI
     outside = np.ones(portrait.shape[:2], bool)
     outside[y0:y1, x0:x1] = False
     np.testing.assert_array_equal(enhanced[outside], portrait[outside])
@@ -77,7 +56,7 @@ def test_light_enhancement_fades_out_towards_the_mask_edge(portrait, mask, enhan
 
 def test_enhancer_with_zero_strengths_leaves_the_frame_as_it_was(portrait, mask):
     frame = portrait.copy()
-    enhancer = make_enhancer("light", ROI, mask, amount=0.0, clahe_strength=0.0)
+    enhancer = make_enhancer("light", FACE_ROI, mask, amount=0.0, clahe_strength=0.0)
     assert enhancer is not None
     enhancer.enhance(frame)
     np.testing.assert_array_equal(frame, portrait)
@@ -85,21 +64,21 @@ def test_enhancer_with_zero_strengths_leaves_the_frame_as_it_was(portrait, mask)
 
 def test_factory_names_none_and_light(mask):
     assert ENHANCERS[:2] == ("none", "light")
-    assert make_enhancer("none", ROI, mask) is None
-    assert isinstance(make_enhancer("light", ROI, mask), LightEnhancer)
+    assert make_enhancer("none", FACE_ROI, mask) is None
+    assert isinstance(make_enhancer("light", FACE_ROI, mask), LightEnhancer)
 
 
 def test_unknown_enhancer_error_names_the_valid_ones(mask):
     with pytest.raises(ValueError, match="gfpgan") as error:
-        make_enhancer("gfpgan", ROI, mask)
+        make_enhancer("gfpgan", FACE_ROI, mask)
     assert all(name in str(error.value) for name in ENHANCERS)
 
 
 def test_mask_that_does_not_match_the_roi_is_rejected(mask):
     with pytest.raises(ValueError, match="mask must be"):
-        LightEnhancer(ROI, mask[:, :-1])
+        LightEnhancer(FACE_ROI, mask[:, :-1])
 
 
 def test_frame_that_does_not_hold_the_roi_is_rejected(portrait, mask):
     with pytest.raises(ValueError, match="does not hold"):
-        LightEnhancer(ROI, mask).enhance(portrait[:200].copy())
+        LightEnhancer(FACE_ROI, mask).enhance(portrait[:200].copy())

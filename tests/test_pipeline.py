@@ -218,3 +218,16 @@ async def test_a_flush_after_the_end_still_ends_the_stream():
     await pipeline.end()
     pipeline.flush()
     assert await asyncio.wait_for(collect(pipeline), 5) in ([], [4])
+
+
+async def test_the_first_item_after_silence_never_waits_for_a_batch():
+    pipeline = Pipeline([Batcher(max_batch=8, max_wait_ms=500)], queue_depth=16)
+    await pipeline.start()
+    results = pipeline.results()
+    for _ in range(5):
+        await asyncio.sleep(0)  # the stage is idle, waiting for input
+    await pipeline.put("hello")
+    # it comes out alone, well inside the 500 ms a batch may wait to fill when the stage is behind
+    assert await asyncio.wait_for(results.__anext__(), 0.3) == ["hello"]
+    await pipeline.end()
+    assert [batch async for batch in results] == []
