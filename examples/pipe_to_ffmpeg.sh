@@ -6,9 +6,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 portrait=${1:-$here/astronaut.png}
 speech=${2:-$here/speech.wav}
 out=${3:-talkstream.mkv}
+talkstream=$(command -v talkstream || echo "$here/../.venv/bin/talkstream")  # installed, or the quick start's venv
 
 # NUT carries the raw frames and the speech together; ffmpeg encodes both into one file.
-talkstream render "$portrait" "$speech" --preset fast -o - --format nut \
+"$talkstream" render "$portrait" "$speech" --preset fast -o - --format nut \
     | ffmpeg -hide_banner -loglevel error -y -i - -c:v libx264 -preset veryfast -crf 20 -c:a aac "$out"
 echo "wrote $out"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -212,3 +213,15 @@ def test_doctor_reports_the_landmark_licence_and_renders_a_second():
     assert result.returncode == 0, text
     assert "excludes commercial use" in text
     assert "1 s of speech -> 25 frames" in text
+
+
+def test_the_example_pipe_into_ffmpeg_makes_a_video_with_sound(tmp_path: Path):
+    out = tmp_path / "piped.mkv"
+    result = subprocess.run([str(ROOT / "examples" / "pipe_to_ffmpeg.sh"), str(PORTRAIT), str(SPEECH), str(out)],
+                            capture_output=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr.decode()
+    with av.open(str(out)) as container:
+        assert {stream.type for stream in container.streams} == {"video", "audio"}
+        frames = sum(1 for _ in container.decode(video=0))
+    assert abs(frames - speech_seconds(SPEECH) * FPS) <= 1
