@@ -14,7 +14,7 @@ from typing import Any
 
 EXAMPLES = """examples:
   talkstream render examples/astronaut.png examples/speech.wav -o talk.mp4
-  talkstream render face.jpg speech.mp3 -o - --format nut | ffplay -nodisp -autoexit -
+  talkstream render face.jpg speech.mp3 -o - --format nut | ffplay -autoexit -
   arecord -f S16_LE -r 16000 | talkstream render face.jpg - --rate 16000 -o - --format y4m | ffplay -
   talkstream render face.jpg speech.wav --preset ultra_fast --set blend.mode=feather -o fast.mp4
   talkstream presets
