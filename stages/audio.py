@@ -7,16 +7,17 @@ small reads (PyAV probing a piped WAV holds 1.5-5 s of audio before the first sa
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
 import av
 import numpy as np
 
+from stream.clock import FrameClock, resampled_length
 from stream.errors import InputError
 from stream.frames import AudioChunk
 from stream.pipeline import DRAIN_MAX, Inbox, Outbox, Stage
@@ -242,7 +243,10 @@ class FeatureChunker(Stage):
     def __init__(self, speech: SpeechFormat, chunk_ms: int) -> None:
         super().__init__()
         self.speech = speech
-        self.chunk_ms = chunk_ms
+        # Hops laid over both timelines like frames: hop k starts at sample start(k) of each.
+        hop_rate = Fraction(1000, chunk_ms)
+        self._speech_hops = FrameClock(hop_rate, speech.rate_hz)
+        self._pcm_hops = FrameClock(hop_rate, FEATURE_RATE_HZ)
         self._reset()
 
     def _reset(self) -> None:
@@ -282,7 +286,7 @@ class FeatureChunker(Stage):
 
     def finish(self) -> list[AudioChunk]:
         self._append_pcm(self._resampler.resample(None))
-        exact = math.ceil(self._speech_total * FEATURE_RATE_HZ / self.speech.rate_hz)
+        exact = resampled_length(self._speech_total, self.speech.rate_hz, FEATURE_RATE_HZ)
         surplus = self._pcm_total - exact
         if surplus > 0:
             self._pcm = self._pcm[: len(self._pcm) - surplus]
@@ -300,10 +304,10 @@ class FeatureChunker(Stage):
     def _cut(self, *, final: bool) -> list[AudioChunk]:
         """Every whole hop ready, in one chunk of at most `_MAX_HOPS` (live input makes one hop at a time)."""
         chunks = []
-        pcm_step = FEATURE_RATE_HZ * self.chunk_ms // 1000
+        pcm_step = self._pcm_hops.start(1)
         while True:
             hops = min(len(self._pcm) // pcm_step, _MAX_HOPS)
-            while hops and self._speech_total < self._speech_sample(self._index + hops):
+            while hops and self._speech_total < self._speech_hops.start(self._index + hops):
                 hops -= 1
             if not hops:
                 if not (final and (len(self._pcm) or self._speech_buffered)):
@@ -314,13 +318,10 @@ class FeatureChunker(Stage):
             else:
                 pcm = self._pcm[: hops * pcm_step]
                 self._pcm = self._pcm[hops * pcm_step:]
-                speech = self._take_speech(self._speech_sample(self._index + hops) - self._speech_sample(self._index))
+                speech = self._take_speech(
+                    self._speech_hops.start(self._index + hops) - self._speech_hops.start(self._index))
             chunks.append(AudioChunk(self._index, pcm, speech))
             self._index += hops
-
-    def _speech_sample(self, hop: int) -> int:
-        """First speech sample of hop number `hop`."""
-        return math.floor(hop * self.chunk_ms * self.speech.rate_hz / 1000)
 
     def _take_speech(self, count: int) -> np.ndarray:
         joined = np.concatenate(self._speech_parts) if len(self._speech_parts) != 1 else self._speech_parts[0]

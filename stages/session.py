@@ -27,7 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stages.audio import AAC_RATES_HZ, AudioReader, FeatureChunker, SpeechFormat, output_format
+from stages.audio import AAC_RATES_HZ, FEATURE_RATE_HZ, AudioReader, FeatureChunker, SpeechFormat, output_format
 from stages.blend import BLEND_MODES, Blender, ComposeStage
 from stages.enhance import ENHANCERS, make_enhancer
 from stages.motion import EmbeddedMotion, MotionStage, SpeechBuffer
@@ -140,8 +140,9 @@ class Session:
         self.profiler = profiler or Profiler()
         stages: list[Stage] = [
             FeatureChunker(speech, preset.stream.chunk_ms),
-            MotionStage(EmbeddedMotion(fps=preset.video.frame_rate, lookahead_ms=preset.motion.lookahead_ms,
-                                       seed=avatar.settings.seed, still=avatar.settings.still),
+            MotionStage(EmbeddedMotion(fps=preset.video.frame_rate, sample_rate_hz=FEATURE_RATE_HZ,
+                                       lookahead_ms=preset.motion.lookahead_ms, seed=avatar.settings.seed,
+                                       still=avatar.settings.still),
                         SpeechBuffer(FrameClock(preset.video.frame_rate, speech.rate_hz), speech.channels)),
             RenderStage(avatar.renderer, preset.render.max_batch, preset.render.max_wait_ms),
             avatar.compose_stage(),

@@ -16,6 +16,11 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
+def resampled_length(samples: int, from_hz: int, to_hz: int) -> int:
+    """How many samples at `to_hz` cover `samples` at `from_hz` (rounded up: nothing is cut off)."""
+    return math.ceil(samples * to_hz / from_hz)
+
+
 def pts_of(samples: int, rate_hz: int, time_base: Fraction) -> int:
     """The presentation time, in `time_base` units, of sample number `samples` at `rate_hz`."""
     return round(Fraction(samples, rate_hz) / time_base)
