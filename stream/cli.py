@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "%(default)s)")
     bench.add_argument("--runs", type=_positive(int), default=3, help="warm runs per preset; the median is kept")
     bench.add_argument("--backend", default="embedded", help="backend (default: %(default)s)")
+    bench.add_argument("--cpu", type=int, metavar="N", help="pin the whole process to CPU N: the one-core figure "
+                       "(without it, CPU time per frame includes what a second, shared core costs)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
 
     doctor = commands.add_parser("doctor", help="check dependencies, threads, landmark model; render 1 s")
@@ -197,9 +199,15 @@ def _bench(args: argparse.Namespace) -> int:
     from stages.session import Avatar, render
     from stages.sinks import open_sink
     from stream import bench
+    from stream.errors import InputError
     from stream.profile import Profiler
 
     cv2.setNumThreads(1)
+    if args.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {args.cpu})
+        except (OSError, ValueError, AttributeError) as error:
+            raise InputError(f"cannot pin to CPU {args.cpu}: {error}") from error
     names = [name.strip() for name in args.presets.split(",") if name.strip()]
     avatars = {name: Avatar.prepare(EXAMPLE_PORTRAIT, preset=name, backend=args.backend) for name in names}
     example = AudioReader(EXAMPLE_SPEECH)
@@ -221,8 +229,9 @@ def _bench(args: argparse.Namespace) -> int:
         return bench.measure_render(whole_render)
 
     log = print
+    pinned = f", pinned to CPU {args.cpu}" if args.cpu is not None else ""
     log(f"talkstream bench: {args.backend} backend, presets {', '.join(names)}, {args.runs} warm runs each, "
-        "one thread per library")
+        f"one thread per library{pinned}")
     with tempfile.TemporaryDirectory(prefix="talkstream-bench-") as scratch:
         long_speech = Path(scratch) / "long.wav"
         _write_wav(long_speech, np.resize(speech, round(args.seconds * rate)), rate)
@@ -232,7 +241,7 @@ def _bench(args: argparse.Namespace) -> int:
         results = [bench.bench_preset(backend, name, workloads, args.runs, Path(scratch), log) for name in names]
     for result in results:
         bench.print_stage_table(result, log)
-    report = {"backend": args.backend, "machine": bench.machine(), "runs": args.runs,
+    report = {"backend": args.backend, "machine": bench.machine(), "runs": args.runs, "pinned_cpu": args.cpu,
               "threads": "1 per library (BLAS/OpenMP env, cv2.setNumThreads(1), codec thread_count=1)",
               "peak_rss_mb": bench.peak_rss_mb(), "presets": results}
     log(f"peak RSS {report['peak_rss_mb']:.0f} MB")
