@@ -1,4 +1,4 @@
-"""The one place that converts between samples, frames, presentation times and seconds.
+"""The one place that converts between samples, frames and milliseconds.
 
 Time is an integer count of a rational time base (PyAV's convention); nothing else divides by fps.
 """
@@ -6,24 +6,13 @@ Time is an integer count of a rational time base (PyAV's convention); nothing el
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from fractions import Fraction
-
-
-def now_ns() -> int:
-    """Monotonic wall time; injected as `clock=` where tests need to control it."""
-    return time.monotonic_ns()
 
 
 def resampled_length(samples: int, from_hz: int, to_hz: int) -> int:
     """How many samples at `to_hz` cover `samples` at `from_hz` (rounded up: nothing is cut off)."""
     return math.ceil(samples * to_hz / from_hz)
-
-
-def pts_of(samples: int, rate_hz: int, time_base: Fraction) -> int:
-    """The presentation time, in `time_base` units, of sample number `samples` at `rate_hz`."""
-    return round(Fraction(samples, rate_hz) / time_base)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +21,6 @@ class FrameClock:
 
     fps: Fraction
     rate_hz: int
-
-    @property
-    def time_base(self) -> Fraction:
-        """Video pts count frames."""
-        return 1 / self.fps
 
     @property
     def frame_ms(self) -> float:
@@ -52,6 +36,3 @@ class FrameClock:
 
     def samples_of_ms(self, ms: float) -> int:
         return round(ms * self.rate_hz / 1000)
-
-    def seconds(self, frame: int) -> float:
-        return float(frame / self.fps)

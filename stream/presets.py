@@ -5,7 +5,6 @@ Unknown sections, keys and bad values are errors that name the valid choices.
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -244,8 +243,3 @@ def check_fixed(preset: Preset, fixed: Mapping[str, Any], backend: str) -> None:
             raise PresetError(
                 f"the {backend} backend fixes {dotted} = {required}; preset {preset.name} sets {preset.value(dotted)}")
 
-
-def replace(preset: Preset, dotted: str, value: Any) -> Preset:
-    """A copy of `preset` with one value changed (used where a backend fixes a value)."""
-    section, key = dotted.split(".", 1)
-    return dataclasses.replace(preset, **{section: dataclasses.replace(getattr(preset, section), **{key: value})})
