@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -511,12 +512,22 @@ class SpeechBuffer:
         return buffered[begin:stop]
 
 
+class MotionModel(Protocol):
+    """A backend's motion: feature-rate speech in, one pose per video frame out (anything with an `index`)."""
+
+    def push(self, pcm: np.ndarray) -> list[Any]: ...
+
+    def finish(self) -> list[Any]: ...
+
+    def interrupt(self) -> None: ...
+
+
 class MotionStage(Stage):
-    """AudioChunks -> Motion: one Expression per video frame, carrying that frame's share of the speech."""
+    """AudioChunks -> Motion: one pose per video frame, carrying that frame's share of the speech."""
 
     name = "motion"
 
-    def __init__(self, model: EmbeddedMotion, speech: SpeechBuffer) -> None:
+    def __init__(self, model: MotionModel, speech: SpeechBuffer) -> None:
         super().__init__()
         self.model = model
         self.speech = speech

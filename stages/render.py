@@ -19,7 +19,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -165,6 +166,9 @@ class WarpRenderer:
     def landmarks_for(self, expression: Expression) -> np.ndarray:
         """The 68 points the output shows for `expression`, in crop pixels (float32)."""
         return self._moved_landmarks(expression).astype(np.float32)
+
+    def render_batch(self, expressions: Sequence[Expression]) -> list[np.ndarray]:
+        return [self.render(expression) for expression in expressions]
 
     def render(self, expression: Expression) -> np.ndarray:
         """A new (h, w, 3) uint8 BGR crop showing `expression`; pixels where `mask` is 0 equal the input crop."""
@@ -931,12 +935,18 @@ def _lip_colour(crop: np.ndarray, points: np.ndarray) -> np.ndarray:
     return np.array(cv2.mean(crop, mask=lips)[:3])
 
 
+class BatchRenderer(Protocol):
+    """What the render stage drives: a backend's poses in, face crops (BGR uint8) out, one per pose."""
+
+    def render_batch(self, poses: Sequence[Any]) -> list[np.ndarray]: ...
+
+
 class RenderStage(Stage):
     """Motion -> FaceCrop, in latency-bounded batches: the first frame after silence goes alone, a backlog together."""
 
     name = "render"
 
-    def __init__(self, renderer: WarpRenderer, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, renderer: BatchRenderer, max_batch: int, max_wait_ms: float) -> None:
         super().__init__()
         self.renderer = renderer
         self.max_batch = max_batch
@@ -948,4 +958,5 @@ class RenderStage(Stage):
                 await outbox.put(crop)
 
     def _render(self, batch: list[Motion]) -> list[FaceCrop]:
-        return [FaceCrop(motion.index, self.renderer.render(motion.pose), motion.speech) for motion in batch]
+        crops = self.renderer.render_batch([motion.pose for motion in batch])
+        return [FaceCrop(motion.index, crop, motion.speech) for motion, crop in zip(batch, crops, strict=True)]

@@ -41,8 +41,10 @@ from stream.pipeline import DRAIN_MAX, Pipeline, Stage, run_together
 from stream.presets import Preset, PresetBook, build_section, check_choice, check_fixed
 from stream.profile import Profiler, StageTimes
 
-BACKENDS = ("embedded",)
+BACKENDS = ("embedded", "sadtalker")
 BEST_ENHANCER = "best"  # the quality preset's wish: the best enhancer this install has
+SADTALKER_CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")  # spec §1.1
+SADTALKER_MOTION = ("streaming", "offline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +55,56 @@ class EmbeddedSettings:
     still: bool
 
 
-# What each backend fixes in every preset (none for the embedded warp: it follows the preset's fps).
-FIXED_BY_BACKEND: dict[str, dict[str, Any]] = {"embedded": {}}
+@dataclass(frozen=True, slots=True)
+class SadTalkerSettings:
+    """Knobs of the SadTalker backend ([backends.sadtalker]; a preset may tune them in presets.NAME.backends)."""
+
+    checkpoints: str                 # the folder holding SadTalker's files (`--checkpoints DIR`)
+    size: int                        # which checkpoint: 256 or 512
+    preprocess: str                  # SadTalker's crop mode
+    pose_style: int
+    expression_scale: float
+    still: bool
+    blink: bool
+    seed: int
+    motion: str                      # streaming | offline (upstream's whole-utterance path, for file renders)
+    mapping_future_frames: int
+    pose_lookahead_frames: int
+    pose_lag_frames: int
+    device: str
+    precision: str
+    compile: bool
+    threads: int                     # torch CPU threads (0: one per core this process may use)
+    render_px: int                   # 0: the checkpoint's size; 128/256/...: render smaller (previews, tests)
+
+
+SETTINGS_BY_BACKEND: dict[str, type] = {"embedded": EmbeddedSettings, "sadtalker": SadTalkerSettings}
+SETTING_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "embedded": {},
+    "sadtalker": {
+        "size": (lambda v: v in (256, 512), "256 or 512"),
+        "preprocess": (lambda v: v in SADTALKER_CROP_MODES, "one of " + ", ".join(SADTALKER_CROP_MODES)),
+        "pose_style": (lambda v: 0 <= v <= 45, "an integer from 0 to 45"),
+        "expression_scale": (lambda v: 0 <= v <= 4, "a number from 0 to 4"),
+        "motion": (lambda v: v in SADTALKER_MOTION, "streaming or offline"),
+        "mapping_future_frames": (lambda v: 0 <= v <= 13, "an integer from 0 to 13"),
+        "pose_lookahead_frames": (lambda v: 0 <= v <= 31, "an integer from 0 to 31"),
+        "pose_lag_frames": (lambda v: 0 <= v <= 12, "an integer from 0 to 12"),
+        "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+        "precision": (lambda v: v in ("auto", "float32", "float16", "bfloat16"),
+                      "auto, float32, float16 or bfloat16"),
+        "threads": (lambda v: 0 <= v <= 256, "an integer from 0 to 256"),
+        "render_px": (lambda v: v == 0 or (v % 128 == 0 and 128 <= v <= 1024), "0 or a multiple of 128 up to 1024"),
+    },
+}
+# What each backend fixes in every preset (SadTalker: 25 fps, 640 samples a frame at 16 kHz; spec §1.3).
+FIXED_BY_BACKEND: dict[str, dict[str, Any]] = {"embedded": {}, "sadtalker": {"video.fps": 25}}
+BackendSettings = EmbeddedSettings | SadTalkerSettings
 
 
 def load_preset(
     name: str = "balanced", overrides: Iterable[str] = (), backend: str = "embedded", book: PresetBook | None = None
-) -> tuple[Preset, EmbeddedSettings]:
+) -> tuple[Preset, BackendSettings]:
     """A preset validated against the backend and the stages' own choices, with the backend's settings."""
     if backend not in BACKENDS:
         raise PresetError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
@@ -68,7 +113,8 @@ def load_preset(
     check_fixed(preset, FIXED_BY_BACKEND[backend], backend)
     check_choice(preset, "blend.mode", BLEND_MODES)
     check_choice(preset, "enhance.enhancer", (*ENHANCERS, BEST_ENHANCER))
-    return preset, build_section(EmbeddedSettings, backends.get(backend, {}), backend)
+    settings = build_section(SETTINGS_BY_BACKEND[backend], backends.get(backend, {}), backend, SETTING_CHECKS[backend])
+    return preset, settings
 
 
 def _notice_to_stderr(message: str) -> None:
@@ -76,27 +122,51 @@ def _notice_to_stderr(message: str) -> None:
 
 
 class Avatar:
-    """A portrait prepared for one preset: face crop, renderer and paste-back mask, built once, read by sessions."""
+    """A portrait prepared for one preset and backend: the picture, where the face goes, the renderer and the
+    paste-back mask, built once and only read by the sessions opened on it."""
 
-    def __init__(self, portrait: Portrait, preset: Preset, settings: EmbeddedSettings,
-                 notice: Callable[[str], None] = _notice_to_stderr) -> None:
+    def __init__(self, portrait: Portrait, preset: Preset, settings: BackendSettings,
+                 notice: Callable[[str], None] = _notice_to_stderr, *, face: Any = None) -> None:
         self.portrait = portrait
         self.preset = preset
         self.settings = settings
-        self.renderer = WarpRenderer(portrait.crop, portrait.landmarks)
-        x0, y0, x1, y1 = portrait.roi
-        self.mask = self.renderer.mask
-        if portrait.scale != 1.0:
-            self.mask = cv2.resize(self.mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        self.face = face
+        if face is None:
+            self.renderer: Any = WarpRenderer(portrait.crop, portrait.landmarks)
+            self.image, self.roi = portrait.image, portrait.roi
+            x0, y0, x1, y1 = portrait.roi
+            self.mask = self.renderer.mask
+            if portrait.scale != 1.0:
+                self.mask = cv2.resize(self.mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        else:
+            self.renderer, self.image, self.roi, self.mask = face.renderer, face.image, face.roi, face.mask
         self.enhancer = preset.enhance.enhancer
         if self.enhancer == BEST_ENHANCER:
             notice("no neural enhancer is available yet: the quality preset uses the light enhancer")
             self.enhancer = "light"
 
+    @property
+    def backend(self) -> str:
+        return "embedded" if self.face is None else "sadtalker"
+
     def compose_stage(self) -> ComposeStage:
         """Paste-back and enhancer keep scratch buffers: every session gets its own."""
-        return ComposeStage(Blender(self.preset.blend.mode, self.portrait.image, self.portrait.roi, self.mask),
-                            make_enhancer(self.enhancer, self.portrait.roi, self.mask))
+        return ComposeStage(Blender(self.preset.blend.mode, self.image, self.roi, self.mask),
+                            make_enhancer(self.enhancer, self.roi, self.mask))
+
+    def motion_model(self) -> Any:
+        """The motion model of one session (it keeps that session's state)."""
+        settings = self.settings
+        if isinstance(settings, SadTalkerSettings):
+            from stages.sadtalker_motion import MotionSettings
+
+            motion = MotionSettings(settings.pose_style, settings.expression_scale, settings.still, settings.blink,
+                                    settings.seed, settings.mapping_future_frames, settings.pose_lookahead_frames,
+                                    settings.pose_lag_frames)
+            return self.face.motion_model(motion, offline=settings.motion == "offline")
+        fps = self.preset.video.frame_rate
+        return EmbeddedMotion(fps=fps, sample_rate_hz=FEATURE_RATE_HZ, lookahead_ms=self.preset.motion.lookahead_ms,
+                              seed=settings.seed, still=settings.still)
 
     @classmethod
     def prepare(
@@ -106,17 +176,28 @@ class Avatar:
         preset: str = "balanced",
         overrides: Iterable[str] = (),
         backend: str = "embedded",
+        checkpoints: str | Path | None = None,
+        networks: Any = None,
         cache_dir: Path | None = None,
         name: str | None = None,
         notice: Callable[[str], None] = _notice_to_stderr,
     ) -> Avatar:
-        """Load the portrait, find the face (cached), and build everything per-frame work will only read."""
+        """Load the portrait, find the face (cached), and build everything per-frame work will only read.
+
+        `checkpoints` (SadTalker) is the folder with the official files; `networks` (from `load_sadtalker`) lets
+        several avatars share one loaded set.
+        """
+        if checkpoints is not None:
+            overrides = [*overrides, f"sadtalker.checkpoints={str(checkpoints)!r}"]
         resolved, settings = load_preset(preset, overrides, backend)
         prepared = prepare_portrait(portrait, max_side_px=resolved.video.max_side_px,
                                     crop_size=resolved.render.crop_size, cache_dir=cache_dir, name=name)
         if prepared.faces_found > 1:
             notice(f"found {prepared.faces_found} faces; animating the largest")
-        return cls(prepared, resolved, settings, notice)
+        face = None
+        if isinstance(settings, SadTalkerSettings):
+            face = _prepare_sadtalker(prepared, resolved, settings, networks)
+        return cls(prepared, resolved, settings, notice, face=face)
 
     def open_session(self, speech_rate_hz: int, speech_channels: int = 1, *,
                      profiler: Profiler | None = None) -> Session:
@@ -128,6 +209,60 @@ class Avatar:
         return Session(self, speech, profiler=profiler)
 
 
+def load_sadtalker(settings: SadTalkerSettings) -> Any:
+    """Find and load SadTalker's networks for these settings (seconds: share the result between avatars)."""
+    from stages.nets.checkpoints import find_checkpoints, load_networks
+
+    if not settings.checkpoints:
+        raise InputError("the sadtalker backend needs SadTalker's checkpoint files: --checkpoints DIR")
+    return load_networks(find_checkpoints(settings.checkpoints, settings.size, settings.preprocess))
+
+
+def load_networks(backend: str, checkpoints: str | Path | None, overrides: Iterable[str] = ()) -> Any:
+    """The loaded networks a backend's avatars can share (None for the embedded backend, which has none)."""
+    if backend != "sadtalker":
+        return None
+    extra = [f"sadtalker.checkpoints={str(checkpoints)!r}"] if checkpoints is not None else []
+    _, settings = load_preset(overrides=[*overrides, *extra], backend=backend)
+    assert isinstance(settings, SadTalkerSettings)
+    return load_sadtalker(settings)
+
+
+def describe_checkpoints(directory: str | Path) -> list[tuple[str, bool, str, str]]:
+    """(file set, usable, detail, fix) for what a checkpoint folder holds (for `talkstream doctor`)."""
+    from stages.nets.checkpoints import describe_checkpoints as describe
+
+    return describe(directory)
+
+
+def renderer_benchmark(avatar: Avatar, frames: int = 4) -> dict[str, Any]:
+    """SadTalker's generator alone: ms per frame of our cached, batched path and of upstream's way (the source
+    encoding recomputed for every frame, one frame at a time), on the same driving keypoints."""
+    from stages.sadtalker_render import renderer_speed
+
+    if avatar.face is None:
+        raise InputError("the renderer benchmark is for the sadtalker backend")
+    return renderer_speed(avatar.face.renderer, frames)
+
+
+def _prepare_sadtalker(portrait: Portrait, preset: Preset, settings: SadTalkerSettings, networks: Any) -> Any:
+    from stages.sadtalker_render import RenderSettings, prepare_face
+    from stream.device import choose_placement, set_cpu_threads
+
+    placement = choose_placement(settings.device, settings.precision)
+    if not placement.is_cuda:
+        set_cpu_threads(settings.threads)
+    networks = networks or load_sadtalker(settings)
+    x0, y0 = portrait.roi[:2]
+    landmarks = portrait.landmarks / portrait.scale + np.array([x0, y0], np.float32)
+    # On a CPU a bigger batch costs more per frame (spec §3.2): batches are for GPUs.
+    render = RenderSettings(max_batch=preset.render.max_batch if placement.is_cuda else 1, compile=settings.compile)
+    face = prepare_face(networks, portrait.image, landmarks, crop_mode=settings.preprocess,
+                        size=settings.render_px or settings.size, placement=placement, settings=render)
+    face.renderer.measure_batch()
+    return face
+
+
 class Session:
     """One stream of speech in, frames out, on an avatar. Push from one task, iterate frames from another."""
 
@@ -135,14 +270,12 @@ class Session:
         self.avatar = avatar
         self.speech = speech
         preset = avatar.preset
-        height, width = avatar.portrait.image.shape[:2]
+        height, width = avatar.image.shape[:2]
         self.info = StreamInfo(width, height, preset.video.frame_rate, speech.rate_hz, speech.channels)
         self.profiler = profiler or Profiler()
         stages: list[Stage] = [
             FeatureChunker(speech, preset.stream.chunk_ms),
-            MotionStage(EmbeddedMotion(fps=preset.video.frame_rate, sample_rate_hz=FEATURE_RATE_HZ,
-                                       lookahead_ms=preset.motion.lookahead_ms, seed=avatar.settings.seed,
-                                       still=avatar.settings.still),
+            MotionStage(avatar.motion_model(),
                         SpeechBuffer(FrameClock(preset.video.frame_rate, speech.rate_hz), speech.channels)),
             RenderStage(avatar.renderer, preset.render.max_batch, preset.render.max_wait_ms),
             avatar.compose_stage(),

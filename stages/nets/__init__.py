@@ -1,0 +1,1 @@
+"""Networks and their checkpoint loaders, separate from the stages that schedule them."""
