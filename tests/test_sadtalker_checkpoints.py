@@ -179,7 +179,8 @@ def test_doctor_reports_what_the_folder_holds(sadtalker_dir: Path, tmp_path: Pat
     result = run_cli("doctor", "--checkpoints", sadtalker_dir)
     report = result.stdout.decode()
     assert result.returncode == 0, report
-    assert "ok   sadtalker 256 px (crop, extcrop, resize)" in report and "ok   sadtalker 256 px (full, extfull)" in report
+    assert "ok   sadtalker 256 px (crop, extcrop, resize)" in report
+    assert "ok   sadtalker 256 px (full, extfull)" in report
     assert "mapping_00109-model.pth.tar" in report and "sadtalker 512 px" not in report
     assert describe_checkpoints(tmp_path)[-1][1] is False
 
