@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cpu", type=int, metavar="N", help="pin the whole process to CPU N: the one-core figure "
                        "(without it, CPU time per frame includes what a second, shared core costs)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("-v", "--verbose", action="store_true", help="debug lines")
 
     doctor = commands.add_parser("doctor", help="check dependencies, threads, landmark model; render 1 s")
     doctor.add_argument("--checkpoints", type=Path, metavar="DIR", help="also check model checkpoints in DIR")
+    doctor.add_argument("-v", "--verbose", action="store_true", help="debug lines (e.g. what a checkpoint holds)")
     return parser
 
 
@@ -102,6 +104,7 @@ def _add_preset_options(parser: argparse.ArgumentParser) -> None:
                         "(SadTalker_V0.0.2_256.safetensors, mapping_00229-model.pth.tar, ...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one preset value, e.g. --set blend.mode=feather (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug lines (e.g. what a checkpoint holds)")
     parser.add_argument("--seed", type=int, help="seed of blinks and head motion")
     parser.add_argument("--still", action="store_true", help="no head motion")
 
@@ -110,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _set_thread_counts()
     args = build_parser().parse_args(argv)
     from stream.errors import TalkstreamError
+
+    if getattr(args, "verbose", False):
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="talkstream: %(name)s: %(message)s")
 
     try:
         if args.command == "render":
