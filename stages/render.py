@@ -946,11 +946,14 @@ class RenderStage(Stage):
 
     name = "render"
 
-    def __init__(self, renderer: BatchRenderer, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, renderer: BatchRenderer, max_batch: int, max_wait_ms: float,
+                 landmarks: Callable[[Any], np.ndarray] | None = None) -> None:
+        """`landmarks`, when given, tells the 68 points a pose shows (crop pixels); each crop carries them."""
         super().__init__()
         self.renderer = renderer
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
+        self.landmarks = landmarks
 
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:
         async for batch in inbox.batches(self.max_batch, self.max_wait_ms):
@@ -959,4 +962,6 @@ class RenderStage(Stage):
 
     def _render(self, batch: list[Motion]) -> list[FaceCrop]:
         crops = self.renderer.render_batch([motion.pose for motion in batch])
-        return [FaceCrop(motion.index, crop, motion.speech) for motion, crop in zip(batch, crops, strict=True)]
+        points = self.landmarks
+        return [FaceCrop(motion.index, crop, motion.speech, None if points is None else points(motion.pose))
+                for motion, crop in zip(batch, crops, strict=True)]

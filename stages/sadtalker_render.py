@@ -7,7 +7,7 @@ stage hands it (latency-bounded), split further when a GPU runs out of memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +130,31 @@ class SadTalkerFace:
     mask: np.ndarray                       # (roi h, roi w) float32 paste-back weights
     renderer: FacevidRenderer
     networks: Any                          # stages.nets.checkpoints.SadTalkerNetworks
+    landmarks: np.ndarray                  # (68, 2) float32: the portrait's face in `image` pixels
+
+    def landmark_locator(self, detector: Any) -> Callable[[np.ndarray], np.ndarray]:
+        """Frame (BGR) -> the 68 points it shows, by `detector.landmarks_in` on the portrait's face box: the
+        rendered head turns a few degrees at most, so the box still holds the face and nothing is detected per
+        frame. The box is the detector's own on the picture (its predictor is trained on such boxes), found once."""
+        height, width = self.image.shape[:2]
+        centre = self.landmarks.mean(axis=0)
+        faces = detector.detect(cv2.cvtColor(self.image, cv2.COLOR_BGR2RGB))
+        if faces:
+            face = min(faces, key=lambda found: float(np.linalg.norm(found.landmarks.mean(axis=0) - centre)))
+            left, top, right, bottom = face.box
+        else:  # a face the detector misses at this size: the landmarks' own bounds are the next best box
+            (left, top), (right, bottom) = self.landmarks.min(axis=0), self.landmarks.max(axis=0)
+        margin = 0.25 * max(right - left, bottom - top)
+        x0, y0 = max(0, int(left - margin)), max(0, int(top - margin))
+        x1, y1 = min(width, int(right + margin) + 1), min(height, int(bottom + margin) + 1)
+        box = (left - x0, top - y0, right - x0, bottom - y0)
+        corner = np.array([x0, y0], np.float32)
+
+        def locate(frame: np.ndarray) -> np.ndarray:
+            rgb = cv2.cvtColor(frame[y0:y1, x0:x1], cv2.COLOR_BGR2RGB)
+            return detector.landmarks_in(rgb, box) + corner
+
+        return locate
 
     def motion_model(self, settings: MotionSettings, *, offline: bool) -> SadTalkerMotion | OfflineMotion:
         """A fresh motion model per session (it holds the session's utterance state)."""
@@ -158,12 +183,15 @@ def prepare_face(networks: Any, image: np.ndarray, landmarks: np.ndarray, *, cro
                                coefficients.astype(np.float32), placement, settings)
     if crop.paste_box is not None:
         x0, y0, x1, y1 = crop.paste_box
-        return SadTalkerFace(image, crop.paste_box, rectangle_mask(y1 - y0, x1 - x0), renderer, networks)
+        return SadTalkerFace(image, crop.paste_box, rectangle_mask(y1 - y0, x1 - x0), renderer, networks,
+                             np.asarray(landmarks, np.float32))
     # The face crop is the video, at upstream's output size (S, S·h/w), rounded to even sides for yuv420p.
     x0, y0, x1, y1 = crop.region
     width, height = (2 * max(1, side // 2) for side in crop.restored_wh())
     picture = cv2.resize(image[y0:y1, x0:x1], (width, height), interpolation=cv2.INTER_AREA)
-    return SadTalkerFace(picture, (0, 0, width, height), np.ones((height, width), np.float32), renderer, networks)
+    in_picture = (landmarks - np.array([x0, y0])) * np.array([width / (x1 - x0), height / (y1 - y0)])
+    return SadTalkerFace(picture, (0, 0, width, height), np.ones((height, width), np.float32), renderer, networks,
+                         in_picture.astype(np.float32))
 
 
 def renderer_speed(renderer: FacevidRenderer, frames: int) -> dict[str, Any]:

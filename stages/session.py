@@ -29,9 +29,9 @@ import numpy as np
 
 from stages.audio import AAC_RATES_HZ, FEATURE_RATE_HZ, AudioReader, FeatureChunker, SpeechFormat, output_format
 from stages.blend import BLEND_MODES, Blender, ComposeStage
-from stages.enhance import ENHANCERS, make_enhancer
+from stages.enhance import WISHES, Restorer, load_restorer, make_enhancer, resolve_enhancer
 from stages.motion import EmbeddedMotion, MotionStage, SpeechBuffer
-from stages.portrait import Portrait, prepare_portrait
+from stages.portrait import DlibDetector, Portrait, prepare_portrait
 from stages.render import RenderStage, WarpRenderer
 from stages.sinks import Sink
 from stream.clock import FrameClock
@@ -42,7 +42,6 @@ from stream.presets import Preset, PresetBook, build_section, check_choice, chec
 from stream.profile import Profiler, StageTimes
 
 BACKENDS = ("embedded", "sadtalker")
-BEST_ENHANCER = "best"  # the quality preset's wish: the best enhancer this install has
 SADTALKER_CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")  # spec §1.1
 SADTALKER_MOTION = ("streaming", "offline")
 
@@ -112,7 +111,7 @@ def load_preset(
     preset, backends = book.get(name, overrides)
     check_fixed(preset, FIXED_BY_BACKEND[backend], backend)
     check_choice(preset, "blend.mode", BLEND_MODES)
-    check_choice(preset, "enhance.enhancer", (*ENHANCERS, BEST_ENHANCER))
+    check_choice(preset, "enhance.enhancer", WISHES)
     settings = build_section(SETTINGS_BY_BACKEND[backend], backends.get(backend, {}), backend, SETTING_CHECKS[backend])
     return preset, settings
 
@@ -122,11 +121,13 @@ def _notice_to_stderr(message: str) -> None:
 
 
 class Avatar:
-    """A portrait prepared for one preset and backend: the picture, where the face goes, the renderer and the
-    paste-back mask, built once and only read by the sessions opened on it."""
+    """A portrait prepared for one preset and backend: the picture, where the face goes, the renderer, the
+    paste-back mask and the enhancer's network, built once and only read by the sessions opened on it."""
 
-    def __init__(self, portrait: Portrait, preset: Preset, settings: BackendSettings,
-                 notice: Callable[[str], None] = _notice_to_stderr, *, face: Any = None) -> None:
+    def __init__(self, portrait: Portrait, preset: Preset, settings: BackendSettings, *, face: Any = None,
+                 enhancer: str | None = None, restorer: Restorer | None = None) -> None:
+        """`enhancer` is what `resolve_enhancer` chose (default: the preset's own name, when it is one); a neural
+        one comes with its loaded `restorer`."""
         self.portrait = portrait
         self.preset = preset
         self.settings = settings
@@ -140,10 +141,10 @@ class Avatar:
                 self.mask = cv2.resize(self.mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
         else:
             self.renderer, self.image, self.roi, self.mask = face.renderer, face.image, face.roi, face.mask
-        self.enhancer = preset.enhance.enhancer
-        if self.enhancer == BEST_ENHANCER:
-            notice("no neural enhancer is available yet: the quality preset uses the light enhancer")
-            self.enhancer = "light"
+        self.enhancer = enhancer or preset.enhance.enhancer
+        self.restorer = restorer
+        # A neural enhancer aligns each frame by its landmarks: SadTalker frames have them found in the known box.
+        self.locate = face.landmark_locator(DlibDetector()) if face is not None and restorer is not None else None
 
     @property
     def backend(self) -> str:
@@ -152,7 +153,8 @@ class Avatar:
     def compose_stage(self) -> ComposeStage:
         """Paste-back and enhancer keep scratch buffers: every session gets its own."""
         return ComposeStage(Blender(self.preset.blend.mode, self.image, self.roi, self.mask),
-                            make_enhancer(self.enhancer, self.roi, self.mask))
+                            make_enhancer(self.enhancer, self.roi, self.mask, restorer=self.restorer,
+                                          locate=self.locate))
 
     def motion_model(self) -> Any:
         """The motion model of one session (it keeps that session's state)."""
@@ -168,6 +170,12 @@ class Avatar:
         return EmbeddedMotion(fps=fps, sample_rate_hz=FEATURE_RATE_HZ, lookahead_ms=self.preset.motion.lookahead_ms,
                               seed=settings.seed, still=settings.still)
 
+    def render_stage(self) -> RenderStage:
+        """The embedded renderer knows the 68 points each crop shows: a neural enhancer aligns faces by them."""
+        landmarks = self.renderer.landmarks_for if self.restorer is not None and self.face is None else None
+        render = self.preset.render
+        return RenderStage(self.renderer, render.max_batch, render.max_wait_ms, landmarks=landmarks)
+
     @classmethod
     def prepare(
         cls,
@@ -181,15 +189,21 @@ class Avatar:
         cache_dir: Path | None = None,
         name: str | None = None,
         notice: Callable[[str], None] = _notice_to_stderr,
+        strict: bool = False,
     ) -> Avatar:
         """Load the portrait, find the face (cached), and build everything per-frame work will only read.
 
-        `checkpoints` (SadTalker) is the folder with the official files; `networks` (from `load_sadtalker`) lets
-        several avatars share one loaded set.
+        `checkpoints` is the folder with the official model files (SadTalker's, and GFPGANv1.4.pth or
+        RestoreFormer.pth for the neural enhancers); `networks` (from `load_sadtalker`) lets several avatars share
+        one loaded set. `strict`: a missing enhancer file is an error instead of a fallback with a notice.
         """
         if checkpoints is not None:
             overrides = [*overrides, f"sadtalker.checkpoints={str(checkpoints)!r}"]
         resolved, settings = load_preset(preset, overrides, backend)
+        if isinstance(settings, SadTalkerSettings):
+            checkpoints = settings.checkpoints or None
+        enhance = resolved.enhance
+        choice = resolve_enhancer(enhance.enhancer, checkpoints, device=enhance.device, strict=strict, notice=notice)
         prepared = prepare_portrait(portrait, max_side_px=resolved.video.max_side_px,
                                     crop_size=resolved.render.crop_size, cache_dir=cache_dir, name=name)
         if prepared.faces_found > 1:
@@ -197,7 +211,9 @@ class Avatar:
         face = None
         if isinstance(settings, SadTalkerSettings):
             face = _prepare_sadtalker(prepared, resolved, settings, networks)
-        return cls(prepared, resolved, settings, notice, face=face)
+        restorer = load_restorer(choice, device=enhance.device, max_batch=enhance.max_batch, threads=enhance.threads,
+                                 notice=notice)
+        return cls(prepared, resolved, settings, face=face, enhancer=choice.name, restorer=restorer)
 
     def open_session(self, speech_rate_hz: int, speech_channels: int = 1, *,
                      profiler: Profiler | None = None) -> Session:
@@ -277,7 +293,7 @@ class Session:
             FeatureChunker(speech, preset.stream.chunk_ms),
             MotionStage(avatar.motion_model(),
                         SpeechBuffer(FrameClock(preset.video.frame_rate, speech.rate_hz), speech.channels)),
-            RenderStage(avatar.renderer, preset.render.max_batch, preset.render.max_wait_ms),
+            avatar.render_stage(),
             avatar.compose_stage(),
         ]
         self._pipeline = Pipeline(stages, queue_depth=preset.stream.queue_depth, profiler=self.profiler)

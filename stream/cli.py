@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   arecord -f S16_LE -r 16000 | talkstream render face.jpg - --rate 16000 -o - --format y4m | ffplay -
   talkstream render face.jpg speech.wav --preset ultra_fast --set blend.mode=feather -o fast.mp4
   talkstream render face.jpg speech.wav --backend sadtalker --checkpoints ~/SadTalker/checkpoints -o st.mp4
+  talkstream render face.jpg speech.wav --preset quality --enhancer gfpgan --checkpoints ~/SadTalker -o hq.mp4
   talkstream presets
   talkstream bench --presets ultra_fast,balanced --json bench.json
 """
@@ -100,8 +101,13 @@ def _add_preset_options(parser: argparse.ArgumentParser) -> None:
                         "%(default)s)")
     parser.add_argument("--backend", default="embedded", help="animation backend: embedded (no weights) or "
                         "sadtalker (SadTalker's checkpoints; needs the [sadtalker] extra) (default: %(default)s)")
-    parser.add_argument("--checkpoints", type=Path, metavar="DIR", help="the folder with SadTalker's files "
-                        "(SadTalker_V0.0.2_256.safetensors, mapping_00229-model.pth.tar, ...)")
+    parser.add_argument("--checkpoints", type=Path, metavar="DIR", help="the folder with the official model files: "
+                        "SadTalker's (SadTalker_V0.0.2_256.safetensors, mapping_00229-model.pth.tar, ...) and the "
+                        "enhancers' (GFPGANv1.4.pth, RestoreFormer.pth; also in DIR/gfpgan/weights)")
+    parser.add_argument("--enhancer", choices=("none", "light", "gfpgan", "restoreformer", "best"),
+                        help="face enhancer, instead of the preset's (gfpgan and restoreformer need their weights "
+                        "in --checkpoints DIR and cost seconds a frame without a GPU)")
+    parser.add_argument("--strict", action="store_true", help="a missing enhancer file is an error, not a fallback")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one preset value, e.g. --set blend.mode=feather (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug lines (e.g. what a checkpoint holds)")
@@ -152,6 +158,8 @@ def preset_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"{args.backend}.seed={args.seed}")
     if args.still:
         overrides.append(f"{args.backend}.still=true")
+    if args.enhancer:
+        overrides.append(f"enhance.enhancer={args.enhancer}")
     return overrides
 
 
@@ -182,7 +190,7 @@ def _render(args: argparse.Namespace) -> int:
     if not to_stdout:
         check_writable(Path(args.output))
     avatar = Avatar.prepare(args.portrait, preset=args.preset, overrides=preset_overrides(args), backend=args.backend,
-                            checkpoints=args.checkpoints)
+                            checkpoints=args.checkpoints, strict=args.strict)
     source = sys.stdin.buffer if args.audio == "-" else Path(args.audio)
     if args.audio == "-" and not args.quiet:
         print("talkstream: ready, reading speech from standard input", file=sys.stderr, flush=True)

@@ -50,6 +50,7 @@ class FaceCrop:
     index: int
     crop: np.ndarray      # (h, w, 3) uint8 BGR
     speech: np.ndarray
+    landmarks: np.ndarray | None = None  # (68, 2) float32 points the crop shows, crop pixels, when asked for
 
 
 @dataclass(frozen=True, slots=True)

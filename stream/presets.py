@@ -56,6 +56,9 @@ class BlendSettings:
 @dataclass(frozen=True, slots=True)
 class EnhanceSettings:
     enhancer: str
+    device: str
+    max_batch: int
+    threads: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,9 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("render", "crop_size"): (lambda v: 64 <= v <= 1024, "an integer from 64 to 1024"),
     ("render", "max_batch"): (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
     ("render", "max_wait_ms"): (lambda v: 0 <= v <= 1000, "a number of ms from 0 to 1000"),
+    ("enhance", "device"): (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    ("enhance", "max_batch"): (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
+    ("enhance", "threads"): (lambda v: 0 <= v <= 256, "an integer from 0 to 256"),
     ("encode", "video_codec"): (lambda v: v in ("libx264",), "libx264"),
     ("encode", "x264_preset"): (lambda v: v in X264_PRESETS, "one of " + ", ".join(X264_PRESETS)),
     ("encode", "x264_tune"): (lambda v: v in X264_TUNES, "one of " + ", ".join(X264_TUNES)),

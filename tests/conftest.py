@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 import cv2
@@ -24,6 +25,21 @@ def face_mask(size: int) -> np.ndarray:
     radius = np.hypot((columns - 0.50 * size) / (0.40 * size), (rows - 0.52 * size) / (0.46 * size))
     ramp = np.clip((1.0 - radius) / 0.25, 0.0, 1.0)
     return (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)
+
+
+def speech_clip(path: Path, samples_16k: int) -> Path:
+    """A piece of the example speech as a 16 kHz WAV, `samples_16k` long (from 0.5 s in: speech, not silence)."""
+    from scipy.signal import resample_poly
+
+    with wave.open(str(SPEECH)) as reader:
+        pcm = np.frombuffer(reader.readframes(reader.getnframes()), np.int16).astype(np.float32)
+    piece = resample_poly(pcm, 320, 441)[8000:8000 + samples_16k]
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(16000)
+        writer.writeframes(np.clip(piece, -32768, 32767).astype(np.int16).tobytes())
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -69,9 +69,14 @@ def test_factory_names_none_and_light(mask):
 
 
 def test_unknown_enhancer_error_names_the_valid_ones(mask):
-    with pytest.raises(ValueError, match="gfpgan") as error:
-        make_enhancer("gfpgan", FACE_ROI, mask)
+    with pytest.raises(ValueError, match="sharpen") as error:
+        make_enhancer("sharpen", FACE_ROI, mask)
     assert all(name in str(error.value) for name in ENHANCERS)
+
+
+def test_a_neural_enhancer_needs_its_loaded_network(mask):
+    with pytest.raises(ValueError, match="needs its loaded network"):
+        make_enhancer("gfpgan", FACE_ROI, mask)
 
 
 def test_mask_that_does_not_match_the_roi_is_rejected(mask):

@@ -20,7 +20,7 @@ def test_every_speed_tier_loads_with_its_blend_and_enhancer():
     blends = {name: book.get(name)[0].blend.mode for name in TIERS}
     assert blends == {"ultra_fast": "alpha", "fast": "feather", "balanced": "pyramid", "quality": "seamless"}
     enhancers = {name: book.get(name)[0].enhance.enhancer for name in TIERS}
-    assert enhancers == {"ultra_fast": "none", "fast": "light", "balanced": "light", "quality": "best"}
+    assert enhancers == {"ultra_fast": "none", "fast": "auto", "balanced": "auto", "quality": "best"}
 
 
 def test_overrides_change_one_value_and_backend_knobs():

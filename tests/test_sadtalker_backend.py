@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-from scipy.signal import resample_poly
 
 pytest.importorskip("torch")
 
@@ -17,22 +15,9 @@ from stages.audio import AudioReader  # noqa: E402
 from stages.session import Avatar, render  # noqa: E402
 from stages.sinks import open_sink  # noqa: E402
 from stream.cli import run_async  # noqa: E402
-from tests.conftest import PORTRAIT, SPEECH, run_cli  # noqa: E402
+from tests.conftest import PORTRAIT, SPEECH, run_cli, speech_clip  # noqa: E402
 
 SMALL = "sadtalker.render_px=128"
-
-
-def _clip(path: Path, samples_16k: int) -> Path:
-    """A piece of the example speech at 16 kHz, `samples_16k` long."""
-    with wave.open(str(SPEECH)) as reader:
-        pcm = np.frombuffer(reader.readframes(reader.getnframes()), np.int16).astype(np.float32)
-    piece = resample_poly(pcm, 320, 441)[8000:8000 + samples_16k]
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(16000)
-        writer.writeframes(np.clip(piece, -32768, 32767).astype(np.int16).tobytes())
-    return path
 
 
 def _streams(path: Path) -> tuple[list[np.ndarray], float, int]:
@@ -46,7 +31,7 @@ def _streams(path: Path) -> tuple[list[np.ndarray], float, int]:
 
 
 def test_cli_renders_half_a_second_with_the_official_files(tmp_path: Path, sadtalker_dir: Path) -> None:
-    speech = _clip(tmp_path / "half.wav", 8100)   # 12 whole 640-sample frames and 420 samples
+    speech = speech_clip(tmp_path / "half.wav", 8100)   # 12 whole 640-sample frames and 420 samples
     out = tmp_path / "talk.mp4"
     result = run_cli("render", PORTRAIT, speech, "-o", out, "--backend", "sadtalker", "--checkpoints", sadtalker_dir,
                      "--set", SMALL, "--set", "encode.crf=0", "--preset", "fast", timeout=900)
@@ -70,7 +55,7 @@ def test_cli_renders_half_a_second_with_the_official_files(tmp_path: Path, sadta
 
 
 def test_crop_mode_with_offline_motion_is_the_face_video(tmp_path: Path, sadtalker_dir: Path) -> None:
-    speech = _clip(tmp_path / "short.wav", 5 * 640)
+    speech = speech_clip(tmp_path / "short.wav", 5 * 640)
     avatar = Avatar.prepare(PORTRAIT, preset="quality", backend="sadtalker", checkpoints=sadtalker_dir,
                             overrides=[SMALL, "sadtalker.preprocess=crop", "sadtalker.seed=5"])
     assert avatar.settings.motion == "offline" and avatar.image.shape[1] == 128

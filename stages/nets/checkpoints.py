@@ -123,8 +123,8 @@ def read_safetensors(path: Path, prefixes: Iterable[str]) -> dict[str, dict[str,
     return parts
 
 
-def read_pickled(path: Path, entries: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The named state dicts of a torch checkpoint, read with `weights_only` (no pickled code runs)."""
+def read_checkpoint(path: Path, *, hint: str = DOWNLOAD_HINT) -> Mapping[str, Any]:
+    """A torch checkpoint's top-level dict, read with `weights_only` (no pickled code runs)."""
     import pickle
 
     import torch
@@ -133,9 +133,15 @@ def read_pickled(path: Path, entries: Iterable[str]) -> dict[str, dict[str, torc
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"{path.name}: cannot be read as a torch checkpoint ({_first_line(error)}): truncated, "
-                              f"damaged or holding more than weights; {DOWNLOAD_HINT}") from None
+                              f"damaged or holding more than weights; {hint}") from None
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path.name}: holds a {type(content).__name__}, not a checkpoint dict")
+    return content
+
+
+def read_pickled(path: Path, entries: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The named state dicts of a torch checkpoint; other top-level entries (optimiser state, epoch) are ignored."""
+    content = read_checkpoint(path)
     entries = tuple(entries)
     absent = [entry for entry in entries if not isinstance(content.get(entry), Mapping)]
     if absent:
@@ -148,7 +154,7 @@ def read_pickled(path: Path, entries: Iterable[str]) -> dict[str, dict[str, torc
 
 
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, file: str, part: str,
-                unused: tuple[str, ...] = ()) -> None:
+                unused: tuple[str, ...] = (), model: str = "SadTalker's network", hint: str = DOWNLOAD_HINT) -> None:
     """Load `state` into `module` when every tensor it needs is there with its shape and nothing is left unexplained."""
     expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
     missing = [key for key in expected if key not in state]
@@ -163,7 +169,8 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, f
     if unknown:
         problems.append(f"{len(unknown)} unknown tensors ({_listed(unknown)})")
     if problems:
-        raise CheckpointError(f"{file}: {part} does not match SadTalker's network: {'; '.join(problems)}")
+        raise CheckpointError(f"{file}: {part} does not match {model}: {'; '.join(problems)}; "
+                              f"get the official file ({hint})")
     module.load_state_dict({key: state[key] for key in expected}, strict=True)
     module.eval()
 
