@@ -12,6 +12,7 @@ builds it for one avatar.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +243,8 @@ class Restorer:
             notice(f"{self.name} overflows in {self.placement.precision} with these weights: running it in float32")
             self.placement = Placement(self.placement.device, "float32")
             self.network = self.network.float()
+            torch.cuda.reset_peak_memory_stats()
+            self.forward(grey)
         torch.cuda.synchronize()
         per_face = (torch.cuda.max_memory_allocated() - before) // 2
         self.batch = batch_for_memory(per_face, free_memory_bytes(self.placement), self.batch)
@@ -343,6 +346,11 @@ def _fall_back(missing: list[str], instead: str, checkpoints: str | Path | None,
 
 
 def _cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU; on Linux without a GPU driver the answer is no without importing torch
+    (4-7 s), so the embedded default stays torch-free on a CPU machine that holds the weights."""
+    drivers = ("/proc/driver/nvidia/version", "/dev/kfd")  # NVIDIA's driver; AMD's, for ROCm builds of torch
+    if sys.platform.startswith("linux") and not any(Path(driver).exists() for driver in drivers):
+        return False
     import torch
 
     return torch.cuda.is_available()

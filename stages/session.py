@@ -245,10 +245,12 @@ def load_networks(backend: str, checkpoints: str | Path | None, overrides: Itera
 
 
 def describe_checkpoints(directory: str | Path) -> list[tuple[str, bool, str, str]]:
-    """(file set, usable, detail, fix) for what a checkpoint folder holds (for `talkstream doctor`)."""
+    """(file set, usable, detail, fix) for what a checkpoint folder holds (for `talkstream doctor`): SadTalker's
+    networks and the neural enhancers, each file loaded."""
     from stages.nets.checkpoints import describe_checkpoints as describe
+    from stages.nets.restorers import describe_restorers
 
-    return describe(directory)
+    return [*describe(directory), *describe_restorers(directory)]
 
 
 def renderer_benchmark(avatar: Avatar, frames: int = 4) -> dict[str, Any]:
@@ -259,6 +261,37 @@ def renderer_benchmark(avatar: Avatar, frames: int = 4) -> dict[str, Any]:
     if avatar.face is None:
         raise InputError("the renderer benchmark is for the sadtalker backend")
     return renderer_speed(avatar.face.renderer, frames)
+
+
+def enhancer_benchmark(avatar: Avatar, batches: Iterable[int] = (1, 4)) -> dict[str, Any]:
+    """The avatar's enhancer alone on its portrait's face: ms per frame for each batch size (the median of timed
+    calls after one warm-up: 2 for a neural enhancer, 50 for the light one), alignment and paste-back included."""
+    import statistics
+    import time
+
+    stage = avatar.compose_stage()
+    enhancer = stage.enhancer
+    if enhancer is None:
+        raise InputError("the enhancer benchmark needs an enhancer (the preset has none)")
+    x0, y0, x1, y1 = avatar.roi
+    if avatar.face is not None:
+        landmarks = None  # found in each frame, as in a SadTalker session
+    else:
+        landmarks = avatar.portrait.landmarks / avatar.portrait.scale + np.array([x0, y0], np.float32)
+    timings = {}
+    for batch in batches:
+        per_frame = []
+        for _ in range((2 if avatar.restorer else 50) + 1):
+            frames = [avatar.image.copy() for _ in range(batch)]
+            started = time.perf_counter()
+            enhancer.enhance_batch(frames, [landmarks] * batch)
+            per_frame.append((time.perf_counter() - started) * 1000 / batch)
+        timings[batch] = statistics.median(per_frame[1:])
+    restorer = avatar.restorer
+    return {"enhancer": avatar.enhancer, "roi_px": [x1 - x0, y1 - y0],
+            "device": restorer.placement.device if restorer else "cpu",
+            "precision": restorer.placement.precision if restorer else "uint8/float32",
+            "ms_per_frame_by_batch": timings}
 
 
 def _prepare_sadtalker(portrait: Portrait, preset: Preset, settings: SadTalkerSettings, networks: Any) -> Any:

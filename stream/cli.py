@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--checkpoints", type=Path, metavar="DIR", help="SadTalker's checkpoint folder (sadtalker)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one preset value in every benchmarked preset (repeatable)")
+    bench.add_argument("--enhancers", default="", metavar="NAMES", help="also time these enhancers alone on the "
+                       "example face (e.g. light,gfpgan; the neural ones need --checkpoints DIR); --presets '' "
+                       "times only them")
+    bench.add_argument("--portrait", type=Path, default=EXAMPLE_PORTRAIT, help="the portrait of the enhancer "
+                       "timing (default: the example)")
+    bench.add_argument("--batches", type=_sizes, default="1,4", metavar="SIZES",
+                       help="batch sizes of the enhancer timing (default: %(default)s)")
     bench.add_argument("--cpu", type=int, metavar="N", help="pin the whole process to CPU N: the one-core figure "
                        "(without it, CPU time per frame includes what a second, shared core costs)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
@@ -94,6 +101,14 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def _sizes(text: str) -> list[int]:
+    """An argparse type for a comma-separated list of positive integers."""
+    sizes = [int(part) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) <= 0:
+        raise ValueError(text)
+    return sizes
 
 
 def _add_preset_options(parser: argparse.ArgumentParser) -> None:
@@ -269,10 +284,11 @@ def _bench(args: argparse.Namespace) -> int:
         results = [bench.bench_preset(backend, name, workloads, args.runs, Path(scratch), log) for name in names]
     for result in results:
         bench.print_stage_table(result, log)
+    enhancers = [_enhancer_timing(name, args, log) for name in args.enhancers.split(",") if name.strip()]
     report = {"backend": args.backend, "machine": bench.machine(), "runs": args.runs, "pinned_cpu": args.cpu,
               "threads": "1 per library (BLAS/OpenMP env, cv2.setNumThreads(1), codec thread_count=1)",
-              "peak_rss_mb": bench.peak_rss_mb(), "presets": results}
-    if networks is not None:
+              "peak_rss_mb": bench.peak_rss_mb(), "presets": results, "enhancers": enhancers}
+    if networks is not None and names:
         renderer = renderer_benchmark(avatars[names[0]])
         log(f"renderer at {renderer['size']} px ({renderer['device']}, {renderer['precision']}): cached batched "
             f"{renderer['cached_ms_per_frame']:.0f} ms/frame (batch {renderer['batch']}), uncached per-frame "
@@ -283,6 +299,19 @@ def _bench(args: argparse.Namespace) -> int:
         bench.write_json(args.json, report)
         log(f"wrote {args.json}")
     return 0
+
+
+def _enhancer_timing(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from stages.session import Avatar, enhancer_benchmark
+
+    avatar = Avatar.prepare(args.portrait, preset="balanced", overrides=[*args.overrides,
+                            f"enhance.enhancer={name.strip()}"], checkpoints=args.checkpoints, strict=True)
+    timing = enhancer_benchmark(avatar, args.batches)
+    width, height = timing["roi_px"]
+    each = ", ".join(f"batch {batch}: {ms:.2f} ms/frame" for batch, ms in timing["ms_per_frame_by_batch"].items())
+    log(f"enhancer {timing['enhancer']} on a {width}x{height} face region ({timing['device']}, "
+        f"{timing['precision']}): {each}")
+    return timing
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -261,3 +261,44 @@ def test_cli_names_a_truncated_weight_file_and_exits_2(tmp_path: Path, gfpgan_fi
     assert result.returncode == 2
     assert b"GFPGANv1.4.pth: cannot be read as a torch checkpoint" in result.stderr
     assert not out.exists()
+
+
+def test_doctor_loads_the_enhancer_files_it_finds(weights_dir: Path) -> None:
+    result = run_cli("doctor", "--checkpoints", weights_dir)
+    report = result.stdout.decode()
+    assert result.returncode == 0, report
+    assert "ok   gfpgan enhancer" in report and "GFPGANv1.4.pth: loads" in report
+    assert "RestoreFormer.pth" in report and "ok   restoreformer" not in report
+
+
+def test_restoreformer_loads_from_params_and_restores_a_batch_like_single_faces(tmp_path: Path, astronaut,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    _, restoreformer_class = import_architectures()
+    torch.manual_seed(2)
+    state = restoreformer_class().state_dict()
+    torch.save({"params": state}, tmp_path / "RestoreFormer.pth")
+    capsys.readouterr()
+    restorer = Restorer("restoreformer", load_restorer("restoreformer", tmp_path / "RestoreFormer.pth"), PLACEMENT,
+                        max_batch=2)
+    assert capsys.readouterr().out == ""  # standard output may be the video pipe
+    image, landmarks = astronaut
+    roi, mask = face_roi_and_mask(landmarks, image.shape)
+    aligner = FaceAligner(roi, mask)
+    faces = [aligner.to_template(frame, aligner.affine(points)) for frame, points in moved_frames(image, landmarks, 2)]
+    together = restorer.forward(faces)
+    assert float((together[:1] - restorer.forward(faces[:1])).abs().max()) <= 1e-5
+    assert float(together.std()) > 0.05
+
+
+@pytest.mark.skipif(Path("/proc/driver/nvidia/version").exists(), reason="a GPU driver: torch is asked about CUDA")
+def test_auto_with_the_weights_present_does_not_import_torch_without_a_gpu(weights_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys; from stages.enhance import resolve_enhancer; "
+            f"choice = resolve_enhancer('auto', {str(weights_dir)!r}, device='auto', strict=False, notice=print); "
+            "print(choice.name, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, check=True)
+    assert result.stdout.decode().split() == ["light", "False"]

@@ -8,6 +8,8 @@ facexlib's detectors) is never built.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,7 +73,9 @@ def build_restorer(name: str) -> torch.nn.Module:
                             fix_decoder=False, num_mlp=8, input_is_latent=True, different_w=True, narrow=1,
                             sft_half=True)
     if name == "restoreformer":
-        return restoreformer_class()
+        # Its decoder prints a line while it is built: keep standard output clean for `-o -` video pipes.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return restoreformer_class()
     raise ValueError(f"unknown restorer {name!r}; valid: {', '.join(RESTORERS)}")
 
 
@@ -102,3 +106,20 @@ def restore(network: Any, faces: torch.Tensor) -> torch.Tensor:
 def missing_restorer_error(name: str, directory: str | Path | None) -> CheckpointError:
     where = f"in {directory}" if directory else "(no --checkpoints DIR given)"
     return CheckpointError(f"{RESTORERS[name].file} (the {name} enhancer's weights) is not {where}; {DOWNLOAD_HINT}")
+
+
+def describe_restorers(directory: str | Path) -> list[tuple[str, bool, str, str]]:
+    """(enhancer, usable, detail, fix) for each restorer whose file is in `directory`, each file loaded."""
+    lines = []
+    for name, kind in RESTORERS.items():
+        path = find_restorer(name, directory)
+        if path is None:
+            lines.append((f"{name} enhancer", False, f"no {kind.file} in {directory}", DOWNLOAD_HINT))
+            continue
+        try:
+            load_restorer(name, path)
+        except CheckpointError as error:
+            lines.append((f"{name} enhancer", False, str(error), DOWNLOAD_HINT))
+            continue
+        lines.append((f"{name} enhancer", True, f"{path}: loads ({path.stat().st_size / 2**20:.0f} MiB)", ""))
+    return lines
