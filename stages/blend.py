@@ -228,7 +228,7 @@ class ComposeStage(Stage):
 
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:
         async for batch in inbox.batches(DRAIN_MAX, 0):
-            for frame in await self.offload(self._compose, batch):
+            for frame in await self.offload(self.compose_batch, batch):
                 await outbox.put(frame)
 
     def compose(self, crop: np.ndarray) -> np.ndarray:
@@ -237,7 +237,7 @@ class ComposeStage(Stage):
             crop = cv2.resize(crop, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
         return self.blender.blend(crop)
 
-    def _compose(self, batch: list[FaceCrop]) -> list[VideoFrame]:
+    def compose_batch(self, batch: list[FaceCrop]) -> list[VideoFrame]:
         images = [self.compose(item.crop) for item in batch]
         if self.enhancer is not None:
             self.enhancer.enhance_batch(images, [self._in_frame(item) for item in batch])

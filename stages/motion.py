@@ -292,6 +292,22 @@ class HeadSway:
         return roll, shift * float(waves[1]), shift * float(waves[2])
 
 
+class IdleMotion:
+    """The face while nobody speaks in a live session: seeded blinks and the head's slow sway at rest, asked for
+    frame by frame at the live clock's media time (never through the speech pipeline)."""
+
+    def __init__(self, *, fps: Fraction | int, seed: int = 0, still: bool = False) -> None:
+        rng = np.random.default_rng(seed)
+        self.blinks = BlinkSchedule(np.random.default_rng(rng.integers(2**63)))
+        self.head = HeadSway(np.random.default_rng(rng.integers(2**63)), float(1 / Fraction(fps)))
+        self.still = still
+
+    def at(self, index: int, time_s: float) -> Expression:
+        """The pose of frame `index` at media time `time_s` (times must not decrease between calls)."""
+        roll, dx, dy = (0.0, 0.0, 0.0) if self.still else self.head.pose(time_s, 0.0)
+        return Expression(index, 0.0, 0.0, self.blinks.value(time_s), roll, dx, dy)
+
+
 class EmbeddedMotion:
     """16 kHz mono float32 speech -> Expressions, streaming, bounded memory, fixed look-ahead.
 

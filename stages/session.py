@@ -29,14 +29,15 @@ import numpy as np
 
 from stages.audio import AAC_RATES_HZ, FEATURE_RATE_HZ, AudioReader, FeatureChunker, SpeechFormat, output_format
 from stages.blend import BLEND_MODES, Blender, ComposeStage
-from stages.enhance import WISHES, Restorer, load_restorer, make_enhancer, resolve_enhancer
-from stages.motion import EmbeddedMotion, MotionStage, SpeechBuffer
+from stages.enhance import WISHES, Restorer, make_enhancer, prepare_restorer, resolve_enhancer
+from stages.motion import EmbeddedMotion, IdleMotion, MotionStage, SpeechBuffer
 from stages.portrait import DlibDetector, Portrait, prepare_portrait
 from stages.render import RenderStage, WarpRenderer
 from stages.sinks import Sink
 from stream.clock import FrameClock
 from stream.errors import InputError, PresetError
-from stream.frames import StreamInfo, VideoFrame
+from stream.frames import FaceCrop, StreamInfo, VideoFrame
+from stream.pacing import Clock, LivePacer, Timing
 from stream.pipeline import DRAIN_MAX, Pipeline, Stage, run_together
 from stream.presets import Preset, PresetBook, build_section, check_choice, check_fixed
 from stream.profile import Profiler, StageTimes
@@ -176,6 +177,29 @@ class Avatar:
         render = self.preset.render
         return RenderStage(self.renderer, render.max_batch, render.max_wait_ms, landmarks=landmarks)
 
+    def idle_painter(self, seed: int = 0) -> Callable[[int, float], np.ndarray]:
+        """(frame index, media time s) -> an idle frame (BGR), made just in time: blinks and the head's sway at
+        rest for the embedded backend, the portrait itself for SadTalker (seconds a frame on a CPU)."""
+        if self.face is not None:
+            return lambda index, time_s: self.image
+        still = bool(getattr(self.settings, "still", False))
+        motion = IdleMotion(fps=self.preset.video.frame_rate, seed=seed, still=still)
+        compose = self.compose_stage()
+        landmarks = self.render_stage().landmarks
+
+        def paint(index: int, time_s: float) -> np.ndarray:
+            pose = motion.at(index, time_s)
+            crop = FaceCrop(index, self.renderer.render(pose), np.zeros((0, 1), np.int16),
+                            None if landmarks is None else landmarks(pose))
+            return compose.compose_batch([crop])[0].image
+
+        return paint
+
+    def open_live(self, speech_rate_hz: int = 16000, *, clock: Clock | None = None, latency_ms: float = 120.0,
+                  seed: int = 0) -> LiveSession:
+        """A live session: speech pushed as it is spoken; paced video and voice out, idle in the silences."""
+        return LiveSession(self, speech_rate_hz, clock=clock, latency_ms=latency_ms, seed=seed)
+
     @classmethod
     def prepare(
         cls,
@@ -211,8 +235,8 @@ class Avatar:
         face = None
         if isinstance(settings, SadTalkerSettings):
             face = _prepare_sadtalker(prepared, resolved, settings, networks)
-        restorer = load_restorer(choice, device=enhance.device, max_batch=enhance.max_batch, threads=enhance.threads,
-                                 notice=notice)
+        restorer = prepare_restorer(choice, device=enhance.device, max_batch=enhance.max_batch,
+                                    threads=enhance.threads, notice=notice)
         return cls(prepared, resolved, settings, face=face, enhancer=choice.name, restorer=restorer)
 
     def open_session(self, speech_rate_hz: int, speech_channels: int = 1, *,
@@ -280,6 +304,8 @@ def enhancer_benchmark(avatar: Avatar, batches: Iterable[int] = (1, 4)) -> dict[
         landmarks = avatar.portrait.landmarks / avatar.portrait.scale + np.array([x0, y0], np.float32)
     timings = {}
     for batch in batches:
+        if avatar.restorer is not None:
+            avatar.restorer.batch = batch  # measured as asked, also where the avatar would run smaller batches
         per_frame = []
         for _ in range((2 if avatar.restorer else 50) + 1):
             frames = [avatar.image.copy() for _ in range(batch)]
@@ -367,6 +393,147 @@ class Session:
 
     async def aclose(self) -> None:
         await self._pipeline.aclose()
+
+
+class LiveSession:
+    """Speech in as it is spoken; video frames and the voice out at their deadlines on one clock, idle frames where
+    nobody speaks. What a WebRTC peer (or any live sink) reads from.
+
+    ```python
+    async with avatar.open_live(speech_rate_hz=16000) as live:
+        live.push(pcm)                             # int16 as it arrives (a microphone, a TTS stream)
+        image, kind = await live.next_video(n)     # at frame n's deadline: "speech", "repeat" or "idle"
+        voice = await live.next_audio(k)           # 20 ms block k at 48 kHz, silence when nobody speaks
+    ```
+    The voice goes out at 48 kHz from the speech as it came in (the renderer gets the same samples and makes its
+    own 16 kHz copy for features). Speech is cut into utterances: `end_utterance()` when a source ends, or
+    automatically when the voice is about to run dry; either pads it with silence to whole frames.
+    """
+
+    VOICE_RATE_HZ = 48000
+    AHEAD_FRAMES = 25     # rendered frames held ahead of the video cursor (1 s at 25 fps): bounded memory
+    TAIL_FRAMES = 2       # silence after an utterance, so that its last frames clear the motion look-ahead
+    # An open utterance whose voice runs out sooner than this is ended (padded): its last frames wait for the
+    # padding's look-ahead and must still make their slots. A real-time stream keeps `latency_ms` of voice ahead,
+    # so only a pause (or a hiccup longer than latency - guard) ends it.
+    GUARD_MS = 80
+
+    def __init__(self, avatar: Avatar, speech_rate_hz: int, *, clock: Clock | None = None, latency_ms: float = 120.0,
+                 seed: int = 0) -> None:
+        import av
+
+        if speech_rate_hz not in (16000, 24000, 48000):
+            raise InputError(f"live speech comes at 16000, 24000 or 48000 Hz, not {speech_rate_hz}")
+        self.avatar = avatar
+        self.timing = Timing(avatar.preset.video.frame_rate, self.VOICE_RATE_HZ)
+        self.pacer = LivePacer(self.timing, clock, latency_ms=latency_ms)
+        self.session = Session(avatar, output_format(self.VOICE_RATE_HZ, 1))
+        self._to_voice = None if speech_rate_hz == self.VOICE_RATE_HZ else av.AudioResampler(
+            "s16", "mono", self.VOICE_RATE_HZ)
+        self._rate_hz = speech_rate_hz
+        self._idle = avatar.idle_painter(seed)
+        self._painter = ThreadPoolExecutor(1, thread_name_prefix="talkstream-idle")
+        self._open_samples = 0           # voice samples of the open utterance
+        # The renderer is fed from a queue of its own: the voice is scheduled at once and the senders never wait
+        # behind the renderer's backpressure; frames come back no further ahead than `AHEAD_FRAMES`.
+        self._to_render: asyncio.Queue[np.ndarray] = asyncio.Queue()
+        self._sent_slot = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.received_speech_s = 0.0
+
+    async def __aenter__(self) -> LiveSession:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the renderer and the clock (the start barrier: both senders can serve media time 0 now)."""
+        if not self._tasks:
+            await self.session.start()
+            self._tasks = [asyncio.create_task(self._feed(), name="talkstream-live-feed"),
+                           asyncio.create_task(self._receive(), name="talkstream-live-frames")]
+            self.pacer.start()
+
+    async def _feed(self) -> None:
+        while True:
+            await self.session.push((await self._to_render.get())[:, None])
+
+    async def _receive(self) -> None:
+        async for frame in self.session.frames():
+            while self.pacer.buffered_frames >= self.AHEAD_FRAMES:
+                self._sent_slot.clear()
+                await self._sent_slot.wait()
+            self.pacer.deliver(frame.image)
+
+    def push(self, speech: np.ndarray) -> None:
+        """int16 mono speech at the session's rate, as it arrives (scheduled at once, rendered in order)."""
+        speech = np.asarray(speech, np.int16).reshape(-1)
+        self.received_speech_s += len(speech) / self._rate_hz
+        voice = self._resampled(speech)
+        if len(voice):
+            self._say(voice)
+
+    def _resampled(self, speech: np.ndarray) -> np.ndarray:
+        if self._to_voice is None:
+            return speech
+        import av
+
+        frame = av.AudioFrame.from_ndarray(speech[None, :], format="s16", layout="mono")
+        frame.sample_rate = self._rate_hz
+        parts = [out.to_ndarray().reshape(-1) for out in self._to_voice.resample(frame)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+    def _say(self, voice: np.ndarray) -> None:
+        self.pacer.speak(voice)
+        self._open_samples += len(voice)
+        self._to_render.put_nowait(voice)
+
+    def end_utterance(self) -> None:
+        """The speech paused or its source ended: pad it with silence to whole frames (and a short tail)."""
+        if not self._open_samples:
+            return
+        frame = self.timing.frame_samples
+        self._say(np.zeros(-self._open_samples % frame + self.TAIL_FRAMES * frame, np.int16))
+        self.pacer.end_utterance()
+        self._open_samples = 0
+
+    def interrupt(self) -> None:
+        """Barge-in: the voice stops at the next block, the face relaxes at the next frame; the clock runs on."""
+        self.pacer.interrupt()
+        while not self._to_render.empty():
+            self._to_render.get_nowait()
+        self.session.interrupt()
+        self._open_samples = 0
+
+    async def next_video(self, slot: int) -> tuple[np.ndarray, str]:
+        """Frame `slot` at its deadline: (image BGR, "speech" | "repeat" | "idle")."""
+        await self.pacer.wait_for(self.timing.slot_ns(slot))
+        image, kind = self.pacer.video_at(slot)
+        self._sent_slot.set()
+        if kind == "idle":
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(self._painter, self._idle, slot, self.timing.slot_ns(slot) / 1e9)
+            self.pacer.shown(image)
+        return image, kind
+
+    async def next_audio(self, block: int) -> np.ndarray:
+        """Voice block `block` (int16 mono, 20 ms at 48 kHz) at its deadline; never waits for the renderer."""
+        offset = self.timing.block_ns(block)
+        await self.pacer.wait_for(offset)
+        ends = self.pacer.open_voice_ends_ns
+        if ends is not None and ends - offset < self.GUARD_MS * 1_000_000:
+            self.end_utterance()
+        return self.pacer.audio_at(block)
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.session.aclose()
+        self._painter.shutdown(wait=False, cancel_futures=True)
 
 
 async def render(

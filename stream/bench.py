@@ -65,6 +65,7 @@ async def first_frame_latency_s(session: Any, speech: Any, rate_hz: int, chunk_m
             async for _ in session.frames():
                 if not first_frame.done():
                     first_frame.set_result(time.perf_counter())
+                    session.interrupt()  # the rest is not measured: a slow backend need not render it
 
         started = time.perf_counter()
         await asyncio.gather(speak(), watch())
