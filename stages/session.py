@@ -45,6 +45,7 @@ from stream.profile import Profiler, StageTimes
 BACKENDS = ("embedded", "sadtalker")
 SADTALKER_CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")  # spec §1.1
 SADTALKER_MOTION = ("streaming", "offline")
+LIVE_RATES_HZ = (16000, 24000, 48000)  # raw live PCM's rates: a 16 kHz microphone, 24 kHz TTS, Opus' 48 kHz
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,10 +196,9 @@ class Avatar:
 
         return paint
 
-    def open_live(self, speech_rate_hz: int = 16000, *, clock: Clock | None = None, latency_ms: float = 120.0,
-                  seed: int = 0) -> LiveSession:
+    def open_live(self, *, clock: Clock | None = None, latency_ms: float = 120.0, seed: int = 0) -> LiveSession:
         """A live session: speech pushed as it is spoken; paced video and voice out, idle in the silences."""
-        return LiveSession(self, speech_rate_hz, clock=clock, latency_ms=latency_ms, seed=seed)
+        return LiveSession(self, clock=clock, latency_ms=latency_ms, seed=seed)
 
     @classmethod
     def prepare(
@@ -400,8 +400,8 @@ class LiveSession:
     nobody speaks. What a WebRTC peer (or any live sink) reads from.
 
     ```python
-    async with avatar.open_live(speech_rate_hz=16000) as live:
-        live.push(pcm)                             # int16 as it arrives (a microphone, a TTS stream)
+    async with avatar.open_live() as live:
+        live.push(pcm, 16000)                      # int16 mono as it arrives (a microphone, a TTS stream)
         image, kind = await live.next_video(n)     # at frame n's deadline: "speech", "repeat" or "idle"
         voice = await live.next_audio(k)           # 20 ms block k at 48 kHz, silence when nobody speaks
     ```
@@ -418,19 +418,13 @@ class LiveSession:
     # so only a pause (or a hiccup longer than latency - guard) ends it.
     GUARD_MS = 80
 
-    def __init__(self, avatar: Avatar, speech_rate_hz: int, *, clock: Clock | None = None, latency_ms: float = 120.0,
+    def __init__(self, avatar: Avatar, *, clock: Clock | None = None, latency_ms: float = 120.0,
                  seed: int = 0) -> None:
-        import av
-
-        if speech_rate_hz not in (16000, 24000, 48000):
-            raise InputError(f"live speech comes at 16000, 24000 or 48000 Hz, not {speech_rate_hz}")
         self.avatar = avatar
         self.timing = Timing(avatar.preset.video.frame_rate, self.VOICE_RATE_HZ)
         self.pacer = LivePacer(self.timing, clock, latency_ms=latency_ms)
         self.session = Session(avatar, output_format(self.VOICE_RATE_HZ, 1))
-        self._to_voice = None if speech_rate_hz == self.VOICE_RATE_HZ else av.AudioResampler(
-            "s16", "mono", self.VOICE_RATE_HZ)
-        self._rate_hz = speech_rate_hz
+        self._to_voice: dict[int, Any] = {}   # input rate -> its streaming resampler to the voice rate
         self._idle = avatar.idle_painter(seed)
         self._painter = ThreadPoolExecutor(1, thread_name_prefix="talkstream-idle")
         self._open_samples = 0           # voice samples of the open utterance
@@ -450,12 +444,12 @@ class LiveSession:
         await self.aclose()
 
     async def start(self) -> None:
-        """Start the renderer and the clock (the start barrier: both senders can serve media time 0 now)."""
+        """Start the renderer. The clock starts when a sender first asks for media (idle video and silence are
+        always ready, so that is the start barrier)."""
         if not self._tasks:
             await self.session.start()
             self._tasks = [asyncio.create_task(self._feed(), name="talkstream-live-feed"),
                            asyncio.create_task(self._receive(), name="talkstream-live-frames")]
-            self.pacer.start()
 
     async def _feed(self) -> None:
         while True:
@@ -468,22 +462,25 @@ class LiveSession:
                 await self._sent_slot.wait()
             self.pacer.deliver(frame.image)
 
-    def push(self, speech: np.ndarray) -> None:
-        """int16 mono speech at the session's rate, as it arrives (scheduled at once, rendered in order)."""
+    def push(self, speech: np.ndarray, rate_hz: int) -> None:
+        """int16 mono speech at `rate_hz`, as it arrives: scheduled at once, rendered in order."""
+        if not 8000 <= rate_hz <= 192000:
+            raise InputError(f"speech at {rate_hz} Hz: 8000 to 192000 Hz expected")
         speech = np.asarray(speech, np.int16).reshape(-1)
-        self.received_speech_s += len(speech) / self._rate_hz
-        voice = self._resampled(speech)
+        self.received_speech_s += len(speech) / rate_hz
+        voice = self._resampled(speech, rate_hz)
         if len(voice):
             self._say(voice)
 
-    def _resampled(self, speech: np.ndarray) -> np.ndarray:
-        if self._to_voice is None:
+    def _resampled(self, speech: np.ndarray, rate_hz: int) -> np.ndarray:
+        if rate_hz == self.VOICE_RATE_HZ:
             return speech
         import av
 
+        resampler = self._to_voice.setdefault(rate_hz, av.AudioResampler("s16", "mono", self.VOICE_RATE_HZ))
         frame = av.AudioFrame.from_ndarray(speech[None, :], format="s16", layout="mono")
-        frame.sample_rate = self._rate_hz
-        parts = [out.to_ndarray().reshape(-1) for out in self._to_voice.resample(frame)]
+        frame.sample_rate = rate_hz
+        parts = [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
 
     def _say(self, voice: np.ndarray) -> None:
@@ -510,6 +507,7 @@ class LiveSession:
 
     async def next_video(self, slot: int) -> tuple[np.ndarray, str]:
         """Frame `slot` at its deadline: (image BGR, "speech" | "repeat" | "idle")."""
+        self.pacer.start()
         await self.pacer.wait_for(self.timing.slot_ns(slot))
         image, kind = self.pacer.video_at(slot)
         self._sent_slot.set()
@@ -522,6 +520,7 @@ class LiveSession:
     async def next_audio(self, block: int) -> np.ndarray:
         """Voice block `block` (int16 mono, 20 ms at 48 kHz) at its deadline; never waits for the renderer."""
         offset = self.timing.block_ns(block)
+        self.pacer.start()
         await self.pacer.wait_for(offset)
         ends = self.pacer.open_voice_ends_ns
         if ends is not None and ends - offset < self.GUARD_MS * 1_000_000:

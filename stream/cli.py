@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   talkstream render face.jpg speech.wav --preset quality --enhancer gfpgan --checkpoints ~/SadTalker -o hq.mp4
   talkstream presets
   talkstream bench --presets ultra_fast,balanced --json bench.json
+  talkstream serve --port 8080          # then open http://127.0.0.1:8080/
 """
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     bench.add_argument("-v", "--verbose", action="store_true", help="debug lines")
 
+    commands.add_parser("serve", help="the live avatar server: a browser page and a JSON API over WebRTC (see "
+                        "`talkstream serve --help`)", add_help=False)
+
     doctor = commands.add_parser("doctor", help="check dependencies, threads, landmark model; render 1 s")
     doctor.add_argument("--checkpoints", type=Path, metavar="DIR", help="also check model checkpoints in DIR")
     doctor.add_argument("-v", "--verbose", action="store_true", help="debug lines (e.g. what a checkpoint holds)")
@@ -132,6 +136,11 @@ def _add_preset_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _set_thread_counts()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the server parses its own options
+        import server
+
+        return server.main(argv[1:])
     args = build_parser().parse_args(argv)
     from stream.errors import TalkstreamError
 

@@ -29,7 +29,7 @@ async def run_live(avatar: Avatar, pcm: np.ndarray, *, slots: int, push_at_block
                    interrupt_at_block: int | None = None) -> tuple[list[tuple[np.ndarray, str]], list[np.ndarray]]:
     video: list[tuple[np.ndarray, str]] = []
     audio: list[np.ndarray] = []
-    async with avatar.open_live(16000) as live:
+    async with avatar.open_live() as live:
         async def send_video() -> None:
             for slot in range(slots):
                 video.append(await live.next_video(slot))
@@ -38,7 +38,7 @@ async def run_live(avatar: Avatar, pcm: np.ndarray, *, slots: int, push_at_block
             for block in range(2 * slots):
                 audio.append(await live.next_audio(block))
                 if block == push_at_block:
-                    live.push(pcm)
+                    live.push(pcm, 16000)
                 if block == interrupt_at_block:
                     live.interrupt()
 

@@ -1,0 +1,725 @@
+"""The live avatar server: aiohttp + aiortc. One session = one avatar + one live session + one peer connection.
+
+    python server.py [--host 127.0.0.1] [--port 8080] [--token SECRET] [--preset fast]
+    talkstream serve ...        (the same)
+
+Speech comes in three ways: an uploaded audio file (`POST /api/sessions/{id}/speak`), raw s16le PCM over a
+websocket as it is spoken (`GET /api/sessions/{id}/audio?rate=16000`), or the browser's microphone track. The face and
+its voice go out on one video and one audio track, paced by the session's clock (`stages.session.LiveSession`).
+Every error is JSON; a bad request never takes the server down; a session's tasks end with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import re
+import secrets
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from aiohttp import WSMsgType, web
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
+
+from stages.session import LIVE_RATES_HZ, Avatar, LiveSession
+from stream.errors import TalkstreamError
+
+LOG = logging.getLogger("talkstream.server")
+EXAMPLES = {"astronaut": Path(__file__).resolve().parent / "examples" / "astronaut.png"}
+VIDEO_CLOCK_HZ = 90000
+TOKEN_VARIABLE = "TALKSTREAM_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request or session may use."""
+
+    max_sessions: int = 4
+    max_upload_bytes: int = 16 * 2**20
+    max_image_pixels: int = 40_000_000
+    max_speech_s: float = 120.0
+    idle_timeout_s: float = 300.0      # a session nobody connects to or speaks to is closed
+    vanished_after_s: float = 3.0      # a connected peer that sends nothing (RTP, RTCP, websocket) for this long
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    preset: str = "fast"
+    backend: str = "embedded"
+    checkpoints: str | None = None
+    video_codec: str = "VP8"           # VP8 first on a CPU (aiortc's H.264 runs x264 at its medium preset)
+    ice_servers: tuple[str, ...] = ()  # none by default: no STUN lookups on a LAN, loopback or offline
+    cors_origin: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+class ApiError(Exception):
+    """A request the server refuses: the status and a one-line message, sent as JSON."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------------------------------------------- tracks
+
+
+class PacedVideoTrack(MediaStreamTrack):
+    """The face, one frame per slot at the session clock's deadlines: pts +3600 at 90 kHz per frame at 25 fps."""
+
+    kind = "video"
+
+    def __init__(self, live: LiveSession) -> None:
+        super().__init__()
+        self.live = live
+        self.slot = 0
+        self.step = int(VIDEO_CLOCK_HZ / live.timing.fps)
+        self.kinds: dict[str, int] = {"speech": 0, "repeat": 0, "idle": 0}
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        image, kind = await self.live.next_video(self.slot)
+        frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+        frame.pts = self.slot * self.step
+        frame.time_base = Fraction(1, VIDEO_CLOCK_HZ)
+        self.kinds[kind] += 1
+        self.slot += 1
+        return frame
+
+
+class PacedAudioTrack(MediaStreamTrack):
+    """The voice, 20 ms at 48 kHz per frame at the same clock's deadlines, silence when nobody speaks."""
+
+    kind = "audio"
+
+    def __init__(self, live: LiveSession) -> None:
+        super().__init__()
+        self.live = live
+        self.block = 0
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        samples = await self.live.next_audio(self.block)
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
+        frame.sample_rate = self.live.timing.rate_hz
+        frame.pts = self.block * len(samples)
+        frame.time_base = Fraction(1, self.live.timing.rate_hz)
+        self.block += 1
+        return frame
+
+
+# ------------------------------------------------------------------------------------------------------- sessions
+
+
+class LiveAvatarSession:
+    """One avatar, its live session and (once offered) its peer connection; `close()` ends all of it."""
+
+    def __init__(self, session_id: str, avatar: Avatar, live: LiveSession) -> None:
+        self.id = session_id
+        self.avatar = avatar
+        self.live = live
+        self.pc: RTCPeerConnection | None = None
+        self.video: PacedVideoTrack | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.last_activity = time.monotonic()
+        self.last_packets = -1
+        self.closed = False
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def spawn(self, coroutine: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(f"{name}-{self.id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for task in list(self.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await asyncio.gather(*(task for task in self.tasks if task is not asyncio.current_task()),
+                             return_exceptions=True)
+        if self.pc is not None:
+            await self.pc.close()
+        await self.live.aclose()
+
+    async def packets_received(self) -> int:
+        """RTP and RTCP packets the peer sent so far (its receiver reports keep coming while it watches)."""
+        if self.pc is None:
+            return 0
+        report = await self.pc.getStats()
+        return sum(getattr(stats, "packetsReceived", 0) or 0 for stats in report.values() if stats.type == "transport")
+
+
+class Server:
+    """State of one server process: settings, sessions, counters; hung on the web.Application."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.sessions: dict[str, LiveAvatarSession] = {}
+        self.preparing = 0
+        self.prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="talkstream-prepare")
+        self.counters = {"sessions_created": 0, "sessions_closed": 0, "requests_refused": 0}
+
+    async def create(self, portrait: bytes | Path, preset: str, name: str) -> LiveAvatarSession:
+        limits = self.settings.limits
+        if len(self.sessions) + self.preparing >= limits.max_sessions:
+            raise ApiError(503, f"the server is full ({limits.max_sessions} sessions); try again later")
+        self.preparing += 1
+        try:
+            loop = asyncio.get_running_loop()
+            avatar = await loop.run_in_executor(self.prepare_pool, self._prepare, portrait, preset, name)
+        finally:
+            self.preparing -= 1
+        session = LiveAvatarSession(secrets.token_urlsafe(12), avatar, avatar.open_live())
+        await session.live.start()
+        self.sessions[session.id] = session
+        self.counters["sessions_created"] += 1
+        return session
+
+    def _prepare(self, portrait: bytes | Path, preset: str, name: str) -> Avatar:
+        settings = self.settings
+        return Avatar.prepare(portrait, preset=preset, backend=settings.backend, checkpoints=settings.checkpoints,
+                              name=name, notice=lambda message: LOG.info("%s: %s", name, message))
+
+    def get(self, session_id: str) -> LiveAvatarSession:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise ApiError(404, f"no session {session_id!r}")
+        session.touch()
+        return session
+
+    async def close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            await session.close()
+            self.counters["sessions_closed"] += 1
+
+    async def close_all(self) -> None:
+        await asyncio.gather(*(self.close(session_id) for session_id in list(self.sessions)))
+        self.prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def janitor(self) -> None:
+        """Close sessions nobody uses, peers that failed, and peers that vanished without a word."""
+        limits = self.settings.limits
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                pc = session.pc
+                if pc is not None and pc.connectionState in ("failed", "closed"):
+                    await self.close(session.id)
+                    continue
+                if pc is not None and pc.connectionState == "connected":
+                    packets = await session.packets_received()
+                    if packets != session.last_packets:
+                        session.last_packets = packets
+                        session.touch()
+                    elif now - session.last_activity > limits.vanished_after_s:
+                        LOG.info("session %s: the peer vanished", session.id)
+                        await self.close(session.id)
+                    continue
+                if now - session.last_activity > limits.idle_timeout_s:
+                    await self.close(session.id)
+
+
+SERVER = web.AppKey("server", Server)
+
+
+# ------------------------------------------------------------------------------------------------------- handlers
+
+
+async def create_session(request: web.Request) -> web.Response:
+    server = request.app[SERVER]
+    fields = await _form(request)
+    preset = _text(fields.get("preset")) or server.settings.preset
+    if "portrait" in fields and isinstance(fields["portrait"], bytes):
+        portrait: bytes | Path = fields["portrait"]
+        _check_image_size(portrait, server.settings.limits.max_image_pixels)
+        name = "the uploaded portrait"
+    else:
+        example = _text(fields.get("example")) or "astronaut"
+        if example not in EXAMPLES:
+            raise ApiError(400, f"unknown example {example!r}; valid: {', '.join(EXAMPLES)}")
+        portrait, name = EXAMPLES[example], example
+    try:
+        session = await server.create(portrait, preset, name)
+    except TalkstreamError as error:
+        raise ApiError(400, str(error)) from None
+    height, width = session.avatar.image.shape[:2]
+    return web.json_response({"id": session.id, "width": width, "height": height, "preset": preset}, status=201)
+
+
+async def offer(request: web.Request) -> web.Response:
+    server = request.app[SERVER]
+    session = server.get(request.match_info["id"])
+    if session.pc is not None:
+        raise ApiError(409, "this session already has a peer connection; open a new session")
+    try:
+        body = await request.json()
+        description = RTCSessionDescription(sdp=str(body["sdp"]), type=str(body["type"]))
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(400, 'an offer is JSON: {"sdp": "...", "type": "offer"}') from None
+    if description.type != "offer" or "m=" not in description.sdp:
+        raise ApiError(400, "not an SDP offer")
+    settings = server.settings
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(url) for url in settings.ice_servers]))
+    session.pc = pc
+    session.video = PacedVideoTrack(session.live)
+    pc.addTrack(PacedAudioTrack(session.live))
+    video_sender = pc.addTrack(session.video)
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            session.spawn(_listen(session, track), "microphone")
+
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(_loopback_only(description.sdp, settings.host),
+                                                            "offer"))
+        _prefer(pc, video_sender, settings.video_codec)
+        await pc.setLocalDescription(await pc.createAnswer())
+    except (ValueError, KeyError, IndexError, AttributeError) as error:
+        await server.close(session.id)
+        raise ApiError(400, f"cannot negotiate this offer: {error}") from None
+    answer = pc.localDescription
+    return web.json_response({"sdp": answer.sdp, "type": answer.type})
+
+
+async def speak(request: web.Request) -> web.Response:
+    server = request.app[SERVER]
+    session = server.get(request.match_info["id"])
+    fields = await _form(request)
+    data = fields.get("audio")
+    if not isinstance(data, bytes) or not data:
+        raise ApiError(400, "send the speech as a multipart field 'audio' (any file ffmpeg reads)")
+    loop = asyncio.get_running_loop()
+    speech, rate = await loop.run_in_executor(None, _decode_speech, data, server.settings.limits.max_speech_s)
+    session.live.push(speech, rate)
+    session.live.end_utterance()
+    return web.json_response({"queued_s": round(len(speech) / rate, 3)})
+
+
+async def audio_socket(request: web.Request) -> web.StreamResponse:
+    server = request.app[SERVER]
+    session = server.get(request.match_info["id"])
+    try:
+        rate = int(request.query.get("rate", "16000"))
+    except ValueError:
+        rate = 0
+    if rate not in LIVE_RATES_HZ:
+        raise ApiError(400, f"rate must be one of {', '.join(map(str, LIVE_RATES_HZ))} (s16le mono PCM)")
+    socket = web.WebSocketResponse(max_msg_size=2**20)
+    await socket.prepare(request)
+    async for message in socket:
+        session.touch()
+        if message.type == WSMsgType.BINARY and len(message.data) % 2 == 0:
+            session.live.push(np.frombuffer(message.data, "<i2"), rate)
+        elif message.type == WSMsgType.TEXT and message.data.strip() == "end":
+            session.live.end_utterance()
+        else:
+            await socket.send_json({"error": "send binary s16le mono PCM (an even number of bytes), or 'end'"})
+            await socket.close(code=1003)
+            break
+    session.live.end_utterance()
+    return socket
+
+
+async def interrupt(request: web.Request) -> web.Response:
+    request.app[SERVER].get(request.match_info["id"]).live.interrupt()
+    return web.json_response({"interrupted": True})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    server = request.app[SERVER]
+    server.get(request.match_info["id"])
+    await server.close(request.match_info["id"])
+    return web.json_response({"closed": True})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "sessions": len(request.app[SERVER].sessions)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    server = request.app[SERVER]
+    lines = ["# TYPE talkstream_sessions gauge", f"talkstream_sessions {len(server.sessions)}"]
+    for name, value in server.counters.items():
+        lines += [f"# TYPE talkstream_{name}_total counter", f"talkstream_{name}_total {value}"]
+    per_session = {
+        "frames_speech": lambda s: s.live.pacer.stats.speech_frames,
+        "frames_idle": lambda s: s.live.pacer.stats.idle_frames,
+        "frames_repeated": lambda s: s.live.pacer.stats.repeated_frames,
+        "frames_dropped": lambda s: s.live.pacer.stats.dropped_frames,
+        "clock_reanchors": lambda s: s.live.pacer.stats.reanchors,
+        "speech_received_seconds": lambda s: s.live.received_speech_s,
+    }
+    for metric, read in per_session.items():
+        lines.append(f"# TYPE talkstream_{metric} gauge")
+        lines += [f'talkstream_{metric}{{session="{s.id}"}} {read(s)}' for s in server.sessions.values()]
+    lines.append("# TYPE talkstream_latency_seconds gauge")
+    lines += [f'talkstream_latency_seconds{{session="{s.id}"}} {s.live.pacer.latency_ns / 1e9}'
+              for s in server.sessions.values()]
+    lines.append("# TYPE talkstream_stage_busy_ms_per_frame gauge")
+    for session in server.sessions.values():
+        profiler = session.live.session.profiler
+        for stage in profiler.stages:
+            frames = max(1, stage.items)
+            lines.append(f'talkstream_stage_busy_ms_per_frame{{session="{session.id}",stage="{stage.name}"}} '
+                         f"{stage.busy_ns / 1e6 / frames:.3f}")
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+async def page(request: web.Request) -> web.Response:
+    return web.Response(text=PAGE, content_type="text/html", charset="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+async def _form(request: web.Request) -> dict[str, bytes | str]:
+    """The multipart (or urlencoded) fields of a request: files as bytes, text as str."""
+    try:
+        form = await request.post()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"the upload is over {request.app[SERVER].settings.limits.max_upload_bytes // 2**20} "
+                       "MiB") from None
+    except ValueError as error:
+        raise ApiError(400, f"cannot read the form: {error}") from None
+    fields: dict[str, bytes | str] = {}
+    for key, value in form.items():
+        fields[key] = value.file.read() if isinstance(value, web.FileField) else str(value)
+    return fields
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _check_image_size(data: bytes, max_pixels: int) -> None:
+    """Refuse an image whose header declares more pixels than allowed, before anything decodes it."""
+    size = _declared_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ApiError(413, f"the image is {size[0]}x{size[1]}; at most {max_pixels // 1_000_000} megapixels")
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG or JPEG header (None for other formats: the decoder's own limits apply)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"\xff\xd8":
+        position = 2
+        while position + 9 < len(data) and data[position] == 0xFF:
+            marker, length = data[position + 1], struct.unpack(">H", data[position + 2:position + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", data[position + 5:position + 9])
+                return width, height
+            position += 2 + length
+    return None
+
+
+def _decode_speech(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
+    """Any audio file ffmpeg reads -> int16 mono and its rate; clear errors for the rest."""
+    from stages.audio import AudioReader
+
+    try:
+        reader = AudioReader(io.BytesIO(data))
+        blocks = []
+        while (block := reader.read()) is not None:
+            blocks.append(block)
+            if sum(len(part) for part in blocks) > max_seconds * reader.format.rate_hz:
+                raise ApiError(413, f"the speech is longer than {max_seconds:g} s")
+    except TalkstreamError as error:
+        raise ApiError(400, str(error)) from None
+    speech = np.concatenate(blocks).mean(axis=1).astype(np.int16) if blocks else np.zeros(0, np.int16)
+    return speech, reader.format.rate_hz
+
+
+async def _listen(session: LiveAvatarSession, track: MediaStreamTrack) -> None:
+    """The browser's microphone: decoded Opus (48 kHz) folded to mono and spoken as it comes."""
+    to_mono = av.AudioResampler("s16", "mono", 48000)
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            frame = await track.recv()
+            for out in to_mono.resample(frame):
+                session.live.push(out.to_ndarray().reshape(-1), 48000)
+
+
+def _prefer(pc: RTCPeerConnection, sender: RTCRtpSender, codec: str) -> None:
+    """Put `codec` first among the video codecs offered (VP8 by default), keeping the others as fallbacks."""
+    capabilities = RTCRtpSender.getCapabilities("video").codecs
+    first = [c for c in capabilities if c.mimeType.lower() == f"video/{codec.lower()}"]
+    rest = [c for c in capabilities if c not in first]
+    for transceiver in pc.getTransceivers():
+        if transceiver.sender is sender:
+            transceiver.setCodecPreferences(first + rest)
+
+
+_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) ", re.IGNORECASE)
+
+
+def _loopback_only(sdp: str, host: str) -> str:
+    """Drop remote candidates outside the address the server binds (when it binds one): traffic stays there."""
+    if host in ("0.0.0.0", "::", ""):
+        return sdp
+    kept = [line for line in sdp.splitlines() if not (match := _CANDIDATE.match(line)) or match.group(1) == host]
+    return "\r\n".join(kept) + "\r\n"
+
+
+def restrict_ice_to(host: str) -> None:
+    """Offer host candidates on the bound address only: aioice otherwise offers every interface's address (and
+    skips loopback). Done when the server starts, never at import."""
+    if host in ("0.0.0.0", "::", ""):
+        return
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [host]
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+    server = request.app[SERVER]
+    try:
+        token = server.settings.token
+        if token and request.path.startswith("/api/") and not _authorised(request, token):
+            raise ApiError(401, "missing or wrong token (Authorization: Bearer TOKEN)")
+        response = await handler(request)
+    except ApiError as error:
+        server.counters["requests_refused"] += 1
+        response = web.json_response({"error": str(error)}, status=error.status)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        response = web.json_response({"error": error.reason}, status=error.status)
+    if server.settings.cors_origin:
+        response.headers["Access-Control-Allow-Origin"] = server.settings.cors_origin
+    return response
+
+
+def _authorised(request: web.Request, token: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
+    return secrets.compare_digest(given.encode(), token.encode())
+
+
+def make_app(settings: ServerSettings) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=settings.limits.max_upload_bytes)
+    server = Server(settings)
+    app[SERVER] = server
+    app.router.add_get("/", page)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/api/sessions", create_session)
+    app.router.add_post("/api/sessions/{id}/offer", offer)
+    app.router.add_post("/api/sessions/{id}/speak", speak)
+    app.router.add_get("/api/sessions/{id}/audio", audio_socket)
+    app.router.add_post("/api/sessions/{id}/interrupt", interrupt)
+    app.router.add_delete("/api/sessions/{id}", delete_session)
+
+    async def start(app: web.Application) -> None:
+        restrict_ice_to(settings.host)
+        janitor = asyncio.create_task(server.janitor(), name="talkstream-janitor")
+        app[JANITOR] = janitor
+
+    async def stop(app: web.Application) -> None:
+        app[JANITOR].cancel()
+        await asyncio.gather(app[JANITOR], return_exceptions=True)
+        await server.close_all()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    return app
+
+
+JANITOR = web.AppKey("janitor", asyncio.Task)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="talkstream serve", description="The live avatar server: open "
+                                     "http://HOST:PORT/ in a browser, or drive it through its JSON API.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; WebRTC candidates stay on it "
+                        "(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_VARIABLE), help="require this bearer token on "
+                        f"the API (default: ${TOKEN_VARIABLE}, else none)")
+    parser.add_argument("--preset", default="fast", help="default preset of new sessions (default: %(default)s)")
+    parser.add_argument("--backend", default="embedded", help="embedded or sadtalker (default: %(default)s)")
+    parser.add_argument("--checkpoints", help="model files (SadTalker, GFPGAN) for the sadtalker backend")
+    parser.add_argument("--codec", choices=("VP8", "H264"), default="VP8", help="preferred video codec")
+    parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                        help="a STUN/TURN server (repeatable; none by default)")
+    parser.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
+    parser.add_argument("--cors-origin", help="allow this origin to call the API (no CORS by default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="talkstream: %(name)s: %(message)s")
+    settings = ServerSettings(host=args.host, port=args.port, token=args.token or None, preset=args.preset,
+                              backend=args.backend, checkpoints=args.checkpoints, video_codec=args.codec,
+                              ice_servers=tuple(args.ice_server), cors_origin=args.cors_origin,
+                              limits=Limits(max_sessions=args.max_sessions))
+    print(f"talkstream: serving on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    web.run_app(make_app(settings), host=args.host, port=args.port, print=None)
+    return 0
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>talkstream live avatar</title>
+<style>
+  body { font: 15px system-ui, sans-serif; margin: 0; background: #111; color: #eee; }
+  main { max-width: 720px; margin: 0 auto; padding: 16px; }
+  .stage { position: relative; background: #000; aspect-ratio: 1; }
+  video { width: 100%; height: 100%; object-fit: contain; }
+  #stats { position: absolute; left: 8px; top: 8px; font: 12px monospace; background: #0008; padding: 4px 6px; }
+  fieldset { border: 1px solid #444; margin: 12px 0; display: flex; gap: 10px; flex-wrap: wrap; align-items: center; }
+  button { padding: 6px 14px; }
+  #error { color: #f77; min-height: 1.2em; }
+</style>
+</head>
+<body>
+<main>
+  <h1>talkstream</h1>
+  <fieldset>
+    <label>Portrait <select id="example"><option value="astronaut">astronaut (example)</option></select></label>
+    <label>or upload <input id="portrait" type="file" accept="image/*"></label>
+    <label>Preset <select id="preset">
+      <option>ultra_fast</option><option selected>fast</option><option>balanced</option><option>quality</option>
+    </select></label>
+    <label><input id="mic" type="checkbox" checked> microphone</label>
+    <button id="connect">Connect</button>
+  </fieldset>
+  <div class="stage"><video id="video" autoplay playsinline></video><div id="stats">not connected</div></div>
+  <fieldset>
+    <label>Say a file <input id="speech" type="file" accept="audio/*"></label>
+    <button id="interrupt" disabled>Interrupt</button>
+    <button id="hangup" disabled>Hang up</button>
+  </fieldset>
+  <div id="error"></div>
+</main>
+<script>
+const $ = (id) => document.getElementById(id);
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+let session = null, pc = null, timer = null;
+
+async function api(path, options = {}) {
+  options.headers = Object.assign({}, options.headers, token ? {Authorization: "Bearer " + token} : {});
+  const response = await fetch(path, options);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function gathered(peer) {
+  if (peer.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => peer.addEventListener("icegatheringstatechange", () => {
+    if (peer.iceGatheringState === "complete") resolve();
+  }));
+}
+
+async function connect() {
+  $("error").textContent = "";
+  const form = new FormData();
+  if ($("portrait").files.length) form.append("portrait", $("portrait").files[0]);
+  else form.append("example", $("example").value);
+  form.append("preset", $("preset").value);
+  session = (await api("/api/sessions", {method: "POST", body: form})).id;
+  pc = new RTCPeerConnection({iceServers: []});
+  pc.addTransceiver("video", {direction: "recvonly"});
+  if ($("mic").checked) {
+    const microphone = await navigator.mediaDevices.getUserMedia({audio: true});
+    microphone.getTracks().forEach((track) => pc.addTrack(track, microphone));
+  } else {
+    pc.addTransceiver("audio", {direction: "recvonly"});
+  }
+  const stream = new MediaStream();
+  pc.ontrack = (event) => { stream.addTrack(event.track); $("video").srcObject = stream; };
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc);
+  const answer = await api(`/api/sessions/${session}/offer`, {
+    method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({sdp: pc.localDescription.sdp, type: pc.localDescription.type}),
+  });
+  await pc.setRemoteDescription(answer);
+  $("interrupt").disabled = $("hangup").disabled = false;
+  timer = setInterval(showStats, 500);
+}
+
+async function showStats() {
+  if (!pc) return;
+  const quality = $("video").getVideoPlaybackQuality();
+  let fps = 0, delay = 0;
+  (await pc.getStats()).forEach((report) => {
+    if (report.type === "inbound-rtp" && report.kind === "video") {
+      fps = report.framesPerSecond || 0;
+      delay = report.jitterBufferEmittedCount ? 1000 * report.jitterBufferDelay / report.jitterBufferEmittedCount : 0;
+    }
+  });
+  $("stats").textContent = `${fps.toFixed(0)} fps · ${quality.totalVideoFrames} frames · ` +
+    `${quality.droppedVideoFrames} dropped · jitter buffer ${delay.toFixed(0)} ms`;
+}
+
+async function sayFile() {
+  if (!session || !$("speech").files.length) return;
+  const form = new FormData();
+  form.append("audio", $("speech").files[0]);
+  await api(`/api/sessions/${session}/speak`, {method: "POST", body: form});
+}
+
+async function hangUp() {
+  clearInterval(timer);
+  if (pc) pc.close();
+  if (session) await api(`/api/sessions/${session}`, {method: "DELETE"}).catch(() => {});
+  pc = session = null;
+  $("interrupt").disabled = $("hangup").disabled = true;
+  $("stats").textContent = "not connected";
+}
+
+const report = (action) => () => action().catch((error) => { $("error").textContent = error.message; });
+$("connect").onclick = report(connect);
+$("speech").onchange = report(sayFile);
+$("interrupt").onclick = report(() => api(`/api/sessions/${session}/interrupt`, {method: "POST"}));
+$("hangup").onclick = report(hangUp);
+</script>
+</body>
+</html>
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

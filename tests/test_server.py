@@ -1,0 +1,192 @@
+"""The live avatar server on 127.0.0.1 with a real aiortc peer: the API, paced media with contiguous timestamps, the
+mouth moving with the received voice, interruption, and bad requests answered without harm."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import wave
+from collections.abc import AsyncIterator
+from fractions import Fraction
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from server import Limits, ServerSettings, make_app
+from tests.conftest import SPEECH
+from tests.quality import FaceMeasurer, mouth_geometry, stack_landmarks
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[TestServer]:
+    settings = ServerSettings(preset="ultra_fast", limits=Limits(max_sessions=2, max_upload_bytes=2**20,
+                                                                 vanished_after_s=3.0))
+    test_server = TestServer(make_app(settings), host="127.0.0.1")
+    await test_server.start_server()
+    yield test_server
+    await test_server.close()
+
+
+def speech_16k() -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    with wave.open(str(SPEECH)) as reader:
+        pcm = np.frombuffer(reader.readframes(reader.getnframes()), np.int16).astype(np.float32)
+        rate = reader.getframerate()
+    return np.clip(resample_poly(pcm, 16000, rate), -32768, 32767).astype(np.int16)
+
+
+async def create(http: aiohttp.ClientSession, base: str, **fields: str | bytes) -> aiohttp.ClientResponse:
+    form = aiohttp.FormData()
+    for key, value in fields.items():
+        if isinstance(value, bytes):
+            form.add_field(key, value, filename=f"{key}.bin")
+        else:
+            form.add_field(key, value)
+    return await http.post(f"{base}/api/sessions", data=form)
+
+
+async def connect(http: aiohttp.ClientSession, base: str, session_id: str) -> RTCPeerConnection:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    response = await http.post(f"{base}/api/sessions/{session_id}/offer",
+                               json={"sdp": pc.localDescription.sdp, "type": "offer"})
+    assert response.status == 200, await response.text()
+    await pc.setRemoteDescription(RTCSessionDescription(**await response.json()))
+    return pc
+
+
+async def collect(track, until: float, into: list) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    try:
+        while loop.time() < until:
+            frame = await asyncio.wait_for(track.recv(), 5)
+            into.append((loop.time(), frame))
+    except MediaStreamError:
+        return
+
+
+async def test_a_peer_receives_paced_speech_and_idle_and_interrupt_closes_the_mouth(server: TestServer) -> None:
+    base = str(server.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        created = await create(http, base, example="astronaut", preset="ultra_fast")
+        assert created.status == 201, await created.text()
+        session_id = (await created.json())["id"]
+        pc = await connect(http, base, session_id)
+        tracks = {receiver.track.kind: receiver.track for receiver in pc.getReceivers()}
+        video: list = []
+        audio: list = []
+        loop = asyncio.get_running_loop()
+        pcm = speech_16k()[: 16000 * 4]                       # 4 s of the example speech
+        started = loop.time()
+        receiving = [asyncio.create_task(collect(tracks["video"], started + 7.0, video)),
+                     asyncio.create_task(collect(tracks["audio"], started + 7.0, audio))]
+        await asyncio.sleep(1.0)                              # idle first
+        socket = await http.ws_connect(f"{base}/api/sessions/{session_id}/audio?rate=16000")
+        speech_sent = loop.time()
+        for offset in range(0, len(pcm), 320):                # 20 ms chunks, in real time
+            await socket.send_bytes(pcm[offset:offset + 320].tobytes())
+            await asyncio.sleep(max(0.0, speech_sent + (offset + 320) / 16000 - loop.time()))
+        await socket.close()
+        await asyncio.sleep(1.2)                              # the silence after it: idle again
+        await http.post(f"{base}/api/sessions/{session_id}/interrupt")
+        await asyncio.gather(*receiving)
+        metrics = await (await http.get(f"{base}/metrics")).text()
+        await pc.close()
+        deleted = await http.delete(f"{base}/api/sessions/{session_id}")
+        assert deleted.status == 200
+
+    # Contiguous timestamps: +3600 at 90 kHz per video frame, +960 per 20 ms of audio at 48 kHz.
+    video_pts = [frame.pts for _, frame in video]
+    assert len(video) > 120 and set(np.diff(video_pts)) == {3600}
+    assert video[0][1].time_base == Fraction(1, 90000)
+    audio_pts = np.array([frame.pts for _, frame in audio])
+    sizes = {frame.samples for _, frame in audio}
+    assert sizes == {960} and set(np.diff(audio_pts)) == {960}
+    assert 'talkstream_speech_received_seconds{session="' in metrics
+
+    # The voice: silence, then the speech (as long as what was sent), then silence again.
+    voice = np.concatenate([frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0] for _, frame in audio])
+    block_level = np.abs(voice[: len(voice) // 960 * 960].reshape(-1, 960).astype(np.int32)).max(axis=1)
+    voiced = np.flatnonzero(block_level > 500)
+    assert len(voiced) and voiced[0] > 25                     # nothing in the first idle second
+    assert (voiced[-1] - voiced[0]) * 0.02 == pytest.approx(4.0, abs=0.6)
+    assert block_level[voiced[-1] + 10:].max() < 500          # silent after it
+
+    # The mouth: open while the voice speaks, at rest in the silence before and after (dlib on decoded frames).
+    measurer = FaceMeasurer()
+    images = [frame.to_ndarray(format="bgr24") for _, frame in video]
+    aperture = mouth_geometry(stack_landmarks([measurer.landmarks(image) for image in images]))["aperture"]
+    assert not np.isnan(aperture).any()
+    video_s = (np.array(video_pts) - video_pts[0]) / 90000
+    audio_s = (audio_pts[voiced] - audio_pts[0]) / 48000
+    speaking = (video_s > audio_s[0]) & (video_s < audio_s[-1])
+    silent = (video_s < audio_s[0] - 0.2) | (video_s > audio_s[-1] + 0.3)
+    assert np.percentile(aperture[speaking], 90) > 0.1
+    assert np.percentile(aperture[silent], 90) < 0.05
+
+
+async def test_bad_requests_get_their_status_and_the_server_goes_on(server: TestServer) -> None:
+    base = str(server.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        not_image = await create(http, base, portrait=b"this is not an image")
+        assert not_image.status == 400 and "image" in (await not_image.json())["error"]
+        unknown = await http.post(f"{base}/api/sessions/nope/interrupt")
+        assert unknown.status == 404 and "nope" in (await unknown.json())["error"]
+        big = await create(http, base, portrait=b"\0" * (2**20 + 10))
+        assert big.status == 413
+        huge_png = b"\x89PNG\r\n\x1a\n" + b"\0\0\0\rIHDR" + (30000).to_bytes(4, "big") * 2 + b"\0" * 64
+        assert (await create(http, base, portrait=huge_png)).status == 413
+
+        created = await create(http, base, example="astronaut")
+        session_id = (await created.json())["id"]
+        malformed = await http.post(f"{base}/api/sessions/{session_id}/offer", json={"sdp": "v=0 garbage",
+                                                                                      "type": "offer"})
+        assert malformed.status == 400 and "error" in await malformed.json()
+        created = await create(http, base, example="astronaut")
+        session_id = (await created.json())["id"]
+        socket = await http.ws_connect(f"{base}/api/sessions/{session_id}/audio")
+        await socket.send_bytes(b"\x01\x02\x03")              # not 16-bit PCM
+        reply = await socket.receive_json(timeout=5)
+        assert "s16le" in reply["error"]
+        await socket.close()
+        wav = io.BytesIO()
+        speech = await http.post(f"{base}/api/sessions/{session_id}/speak",
+                                 data={"audio": io.BytesIO(b"\x00garbage" * 100)})
+        assert speech.status == 400 and "error" in await speech.json()
+        with wave.open(wav, "wb") as writer:
+            writer.setnchannels(1)
+            writer.setsampwidth(2)
+            writer.setframerate(16000)
+            writer.writeframes(speech_16k()[:8000].tobytes())
+        good = await http.post(f"{base}/api/sessions/{session_id}/speak", data={"audio": io.BytesIO(wav.getvalue())})
+        assert good.status == 200 and (await good.json())["queued_s"] == pytest.approx(0.5, abs=0.01)
+        full = await create(http, base, example="astronaut")
+        assert full.status == 503                             # two sessions live: the limit
+        health = await http.get(f"{base}/healthz")
+        assert health.status == 200 and (await health.json())["sessions"] == 2
+
+
+async def test_a_token_guards_the_api() -> None:
+    test_server = TestServer(make_app(ServerSettings(token="s3cret")), host="127.0.0.1")
+    await test_server.start_server()
+    base = str(test_server.make_url("")).rstrip("/")
+    try:
+        async with aiohttp.ClientSession() as http:
+            refused = await create(http, base, example="astronaut")
+            assert refused.status == 401 and "token" in (await refused.json())["error"]
+            wrong = await http.post(f"{base}/api/sessions", headers={"Authorization": "Bearer nope"})
+            assert wrong.status == 401
+            assert (await http.get(f"{base}/healthz")).status == 200
+            page = await http.get(f"{base}/")
+            assert page.status == 200 and "<video" in await page.text()
+    finally:
+        await test_server.close()
