@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    # ffmpeg/ffplay for the pipe tests, espeak-ng to regenerate the example speech.
-    missing=$(for p in ffmpeg espeak-ng; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+    # ffmpeg/ffplay for the pipe tests, espeak-ng to regenerate the example speech, chromium for the page's test.
+    missing=$(for p in ffmpeg espeak-ng chromium; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
     if [ -n "$missing" ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
     fi

@@ -190,3 +190,103 @@ async def test_a_token_guards_the_api() -> None:
             assert page.status == 200 and "<video" in await page.text()
     finally:
         await test_server.close()
+
+
+def live_objects() -> tuple[int, int, int]:
+    """(asyncio tasks, RTCPeerConnections, threads) alive now."""
+    import gc
+    import threading
+
+    gc.collect()
+    peers = sum(1 for item in gc.get_objects() if isinstance(item, RTCPeerConnection))
+    return len(asyncio.all_tasks()), peers, threading.active_count()
+
+
+def within(now: tuple[int, int, int], baseline: tuple[int, int, int]) -> bool:
+    return all(value <= limit for value, limit in zip(now, baseline))
+
+
+async def settled(baseline: tuple[int, int, int], seconds: float = 5.0) -> tuple[int, int, int]:
+    """What is alive once closing tasks and exiting threads have had up to `seconds` to finish."""
+    for _ in range(int(seconds * 10)):
+        if within(now := live_objects(), baseline):
+            return now
+        await asyncio.sleep(0.1)
+    return live_objects()
+
+
+async def test_a_hundred_sessions_come_and_go_without_leaving_anything(server: TestServer) -> None:
+    base = str(server.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        async def cycle() -> None:
+            created = await create(http, base, example="astronaut")
+            assert created.status == 201, await created.text()
+            session_id = (await created.json())["id"]
+            pc = await connect(http, base, session_id)
+            video = next(r.track for r in pc.getReceivers() if r.track.kind == "video")
+            await asyncio.wait_for(video.recv(), 10)      # connected: media flows
+            assert (await http.delete(f"{base}/api/sessions/{session_id}")).status == 200
+            await pc.close()
+
+        for _ in range(3):                                # warm-up: executor threads that persist start here
+            await cycle()
+        await asyncio.sleep(1.0)
+        baseline = live_objects()
+        for _ in range(100):
+            await cycle()
+        after = await settled(baseline)
+        health = await (await http.get(f"{base}/healthz")).json()
+    assert health["sessions"] == 0
+    assert within(after, baseline), f"(tasks, peer connections, threads) {after} after 100 cycles, {baseline} before"
+
+
+VANISHING_CLIENT = """
+import asyncio, sys
+import aiohttp
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+async def main(base):
+    import aioice.ice
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]  # loopback only, as the server
+    async with aiohttp.ClientSession() as http:
+        form = aiohttp.FormData()
+        form.add_field("example", "astronaut")
+        session_id = (await (await http.post(base + "/api/sessions", data=form)).json())["id"]
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        answer = await (await http.post(base + "/api/sessions/" + session_id + "/offer",
+                                         json={"sdp": pc.localDescription.sdp, "type": "offer"})).json()
+        await pc.setRemoteDescription(RTCSessionDescription(**answer))
+        video = next(r.track for r in pc.getReceivers() if r.track.kind == "video")
+        for _ in range(10):
+            await video.recv()
+        print("watching", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_peer_that_vanishes_is_cleaned_up_within_five_seconds(server: TestServer) -> None:
+    """A client killed mid-stream (SIGKILL: no RTP, RTCP, DTLS close or websocket goodbye; ICE consent alone would
+    take 30 s) is noticed and its session closed within 5 s."""
+    import sys
+
+    base = str(server.make_url("")).rstrip("/")
+    client = await asyncio.create_subprocess_exec(sys.executable, "-c", VANISHING_CLIENT, base,
+                                                  stdout=asyncio.subprocess.PIPE)
+    try:
+        assert await asyncio.wait_for(client.stdout.readline(), 60) == b"watching\n"
+    finally:
+        client.kill()
+        await client.wait()
+    loop = asyncio.get_running_loop()
+    vanished = loop.time()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(80):
+            if (await (await http.get(f"{base}/healthz")).json())["sessions"] == 0:
+                break
+            await asyncio.sleep(0.1)
+    assert loop.time() - vanished < 5.0
