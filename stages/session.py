@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import cv2
 import numpy as np
@@ -338,7 +338,25 @@ def _prepare_sadtalker(portrait: Portrait, preset: Preset, settings: SadTalkerSe
     return face
 
 
-class Session:
+class _Closing:
+    """`async with` starts it and closes it, whatever happens inside."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        await self.aclose()
+
+
+class Session(_Closing):
     """One stream of speech in, frames out, on an avatar. Push from one task, iterate frames from another."""
 
     def __init__(self, avatar: Avatar, speech: SpeechFormat, *, profiler: Profiler | None = None) -> None:
@@ -357,14 +375,6 @@ class Session:
         ]
         self._pipeline = Pipeline(stages, queue_depth=preset.stream.queue_depth, profiler=self.profiler)
         self._started = False
-
-    async def __aenter__(self) -> Session:
-        await self.start()
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         if not self._started:
@@ -395,7 +405,7 @@ class Session:
         await self._pipeline.aclose()
 
 
-class LiveSession:
+class LiveSession(_Closing):
     """Speech in as it is spoken; video frames and the voice out at their deadlines on one clock, idle frames where
     nobody speaks. What a WebRTC peer (or any live sink) reads from.
 
@@ -434,14 +444,6 @@ class LiveSession:
         self._sent_slot = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.received_speech_s = 0.0
-
-    async def __aenter__(self) -> LiveSession:
-        await self.start()
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         """Start the renderer. The clock starts when a sender first asks for media (idle video and silence are
