@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -45,8 +47,10 @@ from stages.session import LIVE_RATES_HZ, Avatar, LiveSession
 from stream.errors import TalkstreamError
 
 LOG = logging.getLogger("talkstream.server")
-EXAMPLES = {"astronaut": Path(__file__).resolve().parent / "examples" / "astronaut.png"}
+SERVER_FILE = Path(__file__).resolve()
+EXAMPLES = {"astronaut": SERVER_FILE.parent / "examples" / "astronaut.png"}
 VIDEO_CLOCK_HZ = 90000
+MAX_SIDE_PX = 720    # live video stays within 720p: encoders keep up, and H.264's advertised level 3.1 holds
 TOKEN_VARIABLE = "TALKSTREAM_TOKEN"
 
 
@@ -209,7 +213,8 @@ class Server:
     def _prepare(self, portrait: bytes | Path, preset: str, name: str) -> Avatar:
         settings = self.settings
         return Avatar.prepare(portrait, preset=preset, backend=settings.backend, checkpoints=settings.checkpoints,
-                              name=name, notice=lambda message: LOG.info("%s: %s", name, message))
+                              overrides=[f"video.max_side_px={MAX_SIDE_PX}"], name=name,
+                              notice=lambda message: LOG.info("%s: %s", name, message))
 
     def get(self, session_id: str) -> LiveAvatarSession:
         session = self.sessions.get(session_id)
@@ -230,26 +235,34 @@ class Server:
 
     async def janitor(self) -> None:
         """Close sessions nobody uses, peers that failed, and peers that vanished without a word."""
-        limits = self.settings.limits
         while True:
             await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for session in list(self.sessions.values()):
-                pc = session.pc
-                if pc is not None and pc.connectionState in ("failed", "closed"):
-                    await self.close(session.id)
-                    continue
-                if pc is not None and pc.connectionState == "connected":
-                    packets = await session.packets_received()
-                    if packets != session.last_packets:
-                        session.last_packets = packets
-                        session.touch()
-                    elif now - session.last_activity > limits.vanished_after_s:
-                        LOG.info("session %s: the peer vanished", session.id)
-                        await self.close(session.id)
-                    continue
-                if now - session.last_activity > limits.idle_timeout_s:
-                    await self.close(session.id)
+            # gather, not a loop variable: nothing here keeps a closed session (and its peer) alive
+            await asyncio.gather(*(self._look_after(session) for session in list(self.sessions.values())))
+
+    async def _look_after(self, session: LiveAvatarSession) -> None:
+        try:
+            await self._check(session)
+        except Exception:  # noqa: BLE001 - one session's failure must not stop the others' cleanup
+            LOG.exception("session %s: closed after an error", session.id)
+            await self.close(session.id)
+
+    async def _check(self, session: LiveAvatarSession) -> None:
+        limits = self.settings.limits
+        now = time.monotonic()
+        pc = session.pc
+        if pc is not None and pc.connectionState in ("failed", "closed"):
+            await self.close(session.id)
+        elif pc is not None and pc.connectionState == "connected":
+            packets = await session.packets_received()
+            if packets != session.last_packets:
+                session.last_packets = packets
+                session.touch()
+            elif now - session.last_activity > limits.vanished_after_s:
+                LOG.info("session %s: the peer vanished", session.id)
+                await self.close(session.id)
+        elif now - session.last_activity > limits.idle_timeout_s:
+            await self.close(session.id)
 
 
 SERVER = web.AppKey("server", Server)
@@ -581,6 +594,175 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
     parser.add_argument("--cors-origin", help="allow this origin to call the API (no CORS by default)")
     return parser
+
+
+# ------------------------------------------------------------------------------------------------------- benchmark
+
+
+async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """`sessions` peers on loopback against a server process of their own: each streams the example speech over the
+    websocket in real time and receives the paced tracks. Measures what the server process spends per frame it
+    sends, what each peer receives, the delay from speech sent to its voice received, and (on the first peer, with
+    dlib on the decoded frames) the mouth's onset against the voice's and how soon an interrupt closes it."""
+    import aiohttp
+    from aiortc import RTCSessionDescription
+
+    from stages.audio import AudioReader
+
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(SERVER_FILE), "--port", str(port), "--preset", preset,
+        "--max-sessions", str(sessions), stderr=asyncio.subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    restrict_ice_to("127.0.0.1")
+    reader = AudioReader(EXAMPLES["astronaut"].parent / "speech.wav")
+    blocks = []
+    while (block := reader.read()) is not None:
+        blocks.append(block)
+    speech = np.concatenate(blocks).mean(axis=1).astype(np.int16)
+    rate = reader.format.rate_hz
+    loop = asyncio.get_running_loop()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                with contextlib.suppress(aiohttp.ClientError):
+                    if (await http.get(f"{base}/healthz")).status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            peers = []
+            for _ in range(sessions):
+                form = aiohttp.FormData()
+                form.add_field("example", "astronaut")
+                session_id = (await (await http.post(f"{base}/api/sessions", data=form)).json())["id"]
+                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+                pc.addTransceiver("video", direction="recvonly")
+                pc.addTransceiver("audio", direction="recvonly")
+                await pc.setLocalDescription(await pc.createOffer())
+                answer = await (await http.post(f"{base}/api/sessions/{session_id}/offer", json={
+                    "sdp": pc.localDescription.sdp, "type": "offer"})).json()
+                await pc.setRemoteDescription(RTCSessionDescription(**answer))
+                peers.append((session_id, pc))
+            await asyncio.sleep(1.0)
+            cpu_before, sent_before = _process_cpu_s(process.pid), await _frames_sent(http, base)
+            started = loop.time()
+            results = await asyncio.gather(*(
+                _one_peer(http, base, session_id, pc, speech, rate, seconds, measure=index == 0)
+                for index, (session_id, pc) in enumerate(peers)))
+            elapsed = loop.time() - started
+            cpu_after, sent_after = _process_cpu_s(process.pid), await _frames_sent(http, base)
+            for _, pc in peers:
+                await pc.close()
+    finally:
+        process.terminate()
+        await process.wait()
+    sent = {key: sent_after[key] - sent_before.get(key, 0) for key in sent_after}
+    frames = sent["speech"] + sent["idle"] + sent["repeated"]
+    report = {
+        "sessions": sessions, "preset": preset, "seconds": round(elapsed, 2),
+        "server_cpu_ms_per_session_frame": round((cpu_after - cpu_before) * 1000 / max(1, frames), 2),
+        "server_cpu_cores": round((cpu_after - cpu_before) / elapsed, 2),
+        "frames_sent": sent, "received_fps": [round(result["frames"] / elapsed, 1) for result in results],
+        "voice_latency_ms": [result["voice_latency_ms"] for result in results],
+        "mouth_onset_after_voice_ms": results[0]["mouth_onset_after_voice_ms"],
+        "interrupt_to_closed_mouth_ms": results[0]["interrupt_to_closed_mouth_ms"],
+    }
+    log(json.dumps(report))
+    return report
+
+
+async def _one_peer(http: Any, base: str, session_id: str, pc: RTCPeerConnection, speech: np.ndarray, rate: int,
+                    seconds: float, *, measure: bool) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    tracks = {receiver.track.kind: receiver.track for receiver in pc.getReceivers()}
+    video: list[tuple[float, av.VideoFrame]] = []
+    audio: list[tuple[float, av.AudioFrame]] = []
+    until = loop.time() + seconds
+
+    async def receive(track: MediaStreamTrack, into: list[Any]) -> None:
+        with contextlib.suppress(MediaStreamError, TimeoutError):
+            while loop.time() < until:
+                frame = await asyncio.wait_for(track.recv(), 5)
+                into.append((loop.time(), frame))
+
+    async def speak() -> tuple[float, float | None]:
+        socket = await http.ws_connect(f"{base}/api/sessions/{session_id}/audio?rate={rate}")
+        chunk = rate // 50
+        talk = speech[: int(rate * max(1.0, seconds - 4.0))]
+        first_sent = loop.time()
+        interrupt_at = first_sent + len(talk) / rate - 1.0 if measure else None
+        for index, offset in enumerate(range(0, len(talk), chunk)):
+            if interrupt_at is not None and loop.time() >= interrupt_at:
+                await http.post(f"{base}/api/sessions/{session_id}/interrupt")
+                break
+            await socket.send_bytes(talk[offset:offset + chunk].tobytes())
+            await asyncio.sleep(max(0.0, first_sent + (index + 1) / 50 - loop.time()))
+        await socket.close()
+        return first_sent, interrupt_at
+
+    (first_sent, interrupted), *_ = await asyncio.gather(speak(), receive(tracks["video"], video),
+                                                        receive(tracks["audio"], audio))
+    level = np.array([np.abs(frame.to_ndarray().astype(np.int32)).max() for _, frame in audio])
+    voiced = np.flatnonzero(level > 500)
+    result: dict[str, Any] = {"frames": len(video), "mouth_onset_after_voice_ms": None,
+                              "interrupt_to_closed_mouth_ms": None,
+                              "voice_latency_ms": None}
+    spoken = np.flatnonzero(np.abs(speech.astype(np.int32)) > 500)
+    if len(voiced) and len(spoken):  # from the first loud sample sent to the first loud voice frame received
+        result["voice_latency_ms"] = round((audio[voiced[0]][0] - first_sent - spoken[0] / rate) * 1000, 1)
+    if measure and len(voiced) and video:
+        aperture = _apertures([frame.to_ndarray(format="bgr24") for _, frame in video])
+        video_s = np.array([(frame.pts - video[0][1].pts) / VIDEO_CLOCK_HZ for _, frame in video])
+        voice_s = (audio[voiced[0]][1].pts - audio[0][1].pts) / 48000
+        opened = np.flatnonzero((aperture > 0.08) & (video_s > voice_s - 0.5))
+        if len(opened):
+            result["mouth_onset_after_voice_ms"] = round((video_s[opened[0]] - voice_s) * 1000, 1)
+        arrivals = np.array([arrival for arrival, _ in video])
+        closed = np.flatnonzero((arrivals > interrupted) & (aperture < 0.05))
+        if interrupted is not None and len(closed):
+            result["interrupt_to_closed_mouth_ms"] = round((arrivals[closed[0]] - interrupted) * 1000, 1)
+    return result
+
+
+def _apertures(images: list[np.ndarray]) -> np.ndarray:
+    """Inner-lip opening per frame in inter-ocular distances (dlib's 68 points; NaN without a face)."""
+    import cv2
+
+    from stages.portrait import DlibDetector
+
+    detector = DlibDetector()
+    values = []
+    for image in images:
+        faces = detector.detect(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        if not faces:
+            values.append(np.nan)
+            continue
+        points = max(faces, key=lambda face: face.score).landmarks
+        iod = np.linalg.norm(points[36] - points[45])
+        gaps = [np.linalg.norm(points[upper] - points[lower]) for upper, lower in ((61, 67), (62, 66), (63, 65))]
+        values.append(float(np.mean(gaps) / iod))
+    return np.array(values)
+
+
+async def _frames_sent(http: Any, base: str) -> dict[str, float]:
+    text = await (await http.get(f"{base}/metrics")).text()
+    totals = {"speech": 0.0, "idle": 0.0, "repeated": 0.0, "dropped": 0.0}
+    for kind in totals:
+        totals[kind] = sum(float(value) for value in re.findall(rf"talkstream_frames_{kind}{{[^}}]*}} (\S+)", text))
+    return totals
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:

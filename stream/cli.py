@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--enhancers", default="", metavar="NAMES", help="also time these enhancers alone on the "
                        "example face (e.g. light,gfpgan; the neural ones need --checkpoints DIR); --presets '' "
                        "times only them")
+    bench.add_argument("--live", type=_positive(int), metavar="SESSIONS", help="instead: that many WebRTC peers "
+                       "on loopback against a server process, speaking for --seconds (e.g. --live 4 --seconds 15 "
+                       "--presets ultra_fast)")
     bench.add_argument("--portrait", type=Path, default=EXAMPLE_PORTRAIT, help="the portrait of the enhancer "
                        "timing (default: the example)")
     bench.add_argument("--batches", type=_sizes, default="1,4", metavar="SIZES",
@@ -238,6 +241,15 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.live:
+        import server
+        from stream import bench as bench_output
+
+        preset = args.presets.split(",")[0].strip() or "ultra_fast"
+        report = run_async(server.bench_live(args.live, args.seconds, preset, print))
+        if args.json:
+            bench_output.write_json(args.json, report)
+        return 0
     import tempfile
 
     import cv2

@@ -74,8 +74,20 @@ async def collect(track, until: float, into: list) -> None:  # type: ignore[no-u
         return
 
 
+async def stream_speech(http: aiohttp.ClientSession, base: str, session_id: str, pcm: np.ndarray) -> None:
+    """`pcm` (16 kHz) over the websocket in 20 ms chunks, in real time."""
+    loop = asyncio.get_running_loop()
+    socket = await http.ws_connect(f"{base}/api/sessions/{session_id}/audio?rate=16000")
+    started = loop.time()
+    for offset in range(0, len(pcm), 320):
+        await socket.send_bytes(pcm[offset:offset + 320].tobytes())
+        await asyncio.sleep(max(0.0, started + (offset + 320) / 16000 - loop.time()))
+    await socket.close()
+
+
 async def test_a_peer_receives_paced_speech_and_idle_and_interrupt_closes_the_mouth(server: TestServer) -> None:
     base = str(server.make_url("")).rstrip("/")
+    speech = speech_16k()
     async with aiohttp.ClientSession() as http:
         created = await create(http, base, example="astronaut", preset="ultra_fast")
         assert created.status == 201, await created.text()
@@ -85,19 +97,20 @@ async def test_a_peer_receives_paced_speech_and_idle_and_interrupt_closes_the_mo
         video: list = []
         audio: list = []
         loop = asyncio.get_running_loop()
-        pcm = speech_16k()[: 16000 * 4]                       # 4 s of the example speech
         started = loop.time()
-        receiving = [asyncio.create_task(collect(tracks["video"], started + 7.0, video)),
-                     asyncio.create_task(collect(tracks["audio"], started + 7.0, audio))]
+        receiving = [asyncio.create_task(collect(tracks["video"], started + 9.5, video)),
+                     asyncio.create_task(collect(tracks["audio"], started + 9.5, audio))]
         await asyncio.sleep(1.0)                              # idle first
-        socket = await http.ws_connect(f"{base}/api/sessions/{session_id}/audio?rate=16000")
-        speech_sent = loop.time()
-        for offset in range(0, len(pcm), 320):                # 20 ms chunks, in real time
-            await socket.send_bytes(pcm[offset:offset + 320].tobytes())
-            await asyncio.sleep(max(0.0, speech_sent + (offset + 320) / 16000 - loop.time()))
-        await socket.close()
+        first_sent = loop.time()
+        await stream_speech(http, base, session_id, speech[: 16000 * 4])   # a 4 s utterance
         await asyncio.sleep(1.2)                              # the silence after it: idle again
+        second_sent = loop.time()
+        talking = asyncio.create_task(stream_speech(http, base, session_id, speech[16000 * 4: 16000 * 7]))
+        await asyncio.sleep(1.3)
+        talking.cancel()                                      # barge-in: the client stops and interrupts
+        await asyncio.gather(talking, return_exceptions=True)
         await http.post(f"{base}/api/sessions/{session_id}/interrupt")
+        interrupted = loop.time()
         await asyncio.gather(*receiving)
         metrics = await (await http.get(f"{base}/metrics")).text()
         await pc.close()
@@ -106,32 +119,36 @@ async def test_a_peer_receives_paced_speech_and_idle_and_interrupt_closes_the_mo
 
     # Contiguous timestamps: +3600 at 90 kHz per video frame, +960 per 20 ms of audio at 48 kHz.
     video_pts = [frame.pts for _, frame in video]
-    assert len(video) > 120 and set(np.diff(video_pts)) == {3600}
+    assert len(video) > 200 and set(np.diff(video_pts)) == {3600}
     assert video[0][1].time_base == Fraction(1, 90000)
     audio_pts = np.array([frame.pts for _, frame in audio])
-    sizes = {frame.samples for _, frame in audio}
-    assert sizes == {960} and set(np.diff(audio_pts)) == {960}
+    assert {frame.samples for _, frame in audio} == {960} and set(np.diff(audio_pts)) == {960}
     assert 'talkstream_speech_received_seconds{session="' in metrics
 
-    # The voice: silence, then the speech (as long as what was sent), then silence again.
-    voice = np.concatenate([frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0] for _, frame in audio])
-    block_level = np.abs(voice[: len(voice) // 960 * 960].reshape(-1, 960).astype(np.int32)).max(axis=1)
-    voiced = np.flatnonzero(block_level > 500)
-    assert len(voiced) and voiced[0] > 25                     # nothing in the first idle second
-    assert (voiced[-1] - voiced[0]) * 0.02 == pytest.approx(4.0, abs=0.6)
-    assert block_level[voiced[-1] + 10:].max() < 500          # silent after it
+    # The voice: silence, the first utterance (as long as what was sent), silence, the second until the interrupt.
+    level = np.array([np.abs(frame.to_ndarray().astype(np.int32)).max() for _, frame in audio])
+    heard = np.array([arrival for arrival, _ in audio])
+    first = np.flatnonzero((level > 500) & (heard < second_sent))
+    assert len(first) and heard[first[0]] > first_sent        # nothing in the first idle second
+    assert (first[-1] - first[0]) * 0.02 == pytest.approx(4.0, abs=0.6)
+    assert level[first[-1] + 10:][heard[first[-1] + 10:] < second_sent].max() < 500   # silent after it
+    assert (level[(heard > second_sent) & (heard < interrupted)] > 500).any()         # the second utterance ...
+    assert (level[heard > interrupted + 0.2] < 500).all()                              # ... cut by the interrupt
 
-    # The mouth: open while the voice speaks, at rest in the silence before and after (dlib on decoded frames).
+    # The mouth: open while the voice speaks, at rest in the silences and after the interrupt (dlib, decoded frames).
     measurer = FaceMeasurer()
-    images = [frame.to_ndarray(format="bgr24") for _, frame in video]
-    aperture = mouth_geometry(stack_landmarks([measurer.landmarks(image) for image in images]))["aperture"]
+    aperture = mouth_geometry(stack_landmarks(
+        [measurer.landmarks(frame.to_ndarray(format="bgr24")) for _, frame in video]))["aperture"]
     assert not np.isnan(aperture).any()
     video_s = (np.array(video_pts) - video_pts[0]) / 90000
-    audio_s = (audio_pts[voiced] - audio_pts[0]) / 48000
-    speaking = (video_s > audio_s[0]) & (video_s < audio_s[-1])
-    silent = (video_s < audio_s[0] - 0.2) | (video_s > audio_s[-1] + 0.3)
+    voiced_s = (audio_pts[first] - audio_pts[0]) / 48000
+    speaking = (video_s > voiced_s[0]) & (video_s < voiced_s[-1])
+    silent = (video_s < voiced_s[0] - 0.2) | ((video_s > voiced_s[-1] + 0.3) &
+                                              (np.array([arrival for arrival, _ in video]) < second_sent))
     assert np.percentile(aperture[speaking], 90) > 0.1
     assert np.percentile(aperture[silent], 90) < 0.05
+    after_interrupt = np.array([arrival for arrival, _ in video]) > interrupted + 0.2
+    assert after_interrupt.sum() > 10 and np.percentile(aperture[after_interrupt], 90) < 0.05
 
 
 async def test_bad_requests_get_their_status_and_the_server_goes_on(server: TestServer) -> None:
@@ -206,7 +223,7 @@ def within(now: tuple[int, int, int], baseline: tuple[int, int, int]) -> bool:
     return all(value <= limit for value, limit in zip(now, baseline))
 
 
-async def settled(baseline: tuple[int, int, int], seconds: float = 5.0) -> tuple[int, int, int]:
+async def settled(baseline: tuple[int, int, int], seconds: float = 10.0) -> tuple[int, int, int]:
     """What is alive once closing tasks and exiting threads have had up to `seconds` to finish."""
     for _ in range(int(seconds * 10)):
         if within(now := live_objects(), baseline):
@@ -290,3 +307,27 @@ async def test_a_peer_that_vanishes_is_cleaned_up_within_five_seconds(server: Te
                 break
             await asyncio.sleep(0.1)
     assert loop.time() - vanished < 5.0
+
+
+async def test_an_unused_session_times_out_and_cors_is_off_unless_asked() -> None:
+    settings = ServerSettings(limits=Limits(idle_timeout_s=1.0), cors_origin="https://app.example")
+    test_server = TestServer(make_app(settings), host="127.0.0.1")
+    await test_server.start_server()
+    base = str(test_server.make_url("")).rstrip("/")
+    try:
+        async with aiohttp.ClientSession() as http:
+            created = await create(http, base, example="astronaut")
+            assert created.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            for _ in range(40):
+                if (await (await http.get(f"{base}/healthz")).json())["sessions"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await (await http.get(f"{base}/healthz")).json())["sessions"] == 0
+    finally:
+        await test_server.close()
+
+
+async def test_no_cors_header_by_default(server: TestServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        response = await http.get(str(server.make_url("/healthz")))
+        assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
