@@ -619,8 +619,11 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
     blocks = []
     while (block := reader.read()) is not None:
         blocks.append(block)
-    speech = np.concatenate(blocks).mean(axis=1).astype(np.int16)
-    rate = reader.format.rate_hz
+    from scipy.signal import resample_poly
+
+    rate = 16000  # what a microphone client sends
+    speech = np.clip(resample_poly(np.concatenate(blocks).mean(axis=1), rate, reader.format.rate_hz), -32768, 32767)
+    speech = speech.astype(np.int16)
     loop = asyncio.get_running_loop()
     try:
         async with aiohttp.ClientSession() as http:
@@ -645,8 +648,8 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
             await asyncio.sleep(1.0)
             cpu_before, sent_before = _process_cpu_s(process.pid), await _frames_sent(http, base)
             started = loop.time()
-            results = await asyncio.gather(*(
-                _one_peer(http, base, session_id, pc, speech, rate, seconds, measure=index == 0)
+            recordings = await asyncio.gather(*(
+                _one_peer(http, base, session_id, pc, speech, rate, seconds, interrupt=index == 0)
                 for index, (session_id, pc) in enumerate(peers)))
             elapsed = loop.time() - started
             cpu_after, sent_after = _process_cpu_s(process.pid), await _frames_sent(http, base)
@@ -655,13 +658,14 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
     finally:
         process.terminate()
         await process.wait()
+    results = [_analyse(recording, speech, rate, measure=index == 0) for index, recording in enumerate(recordings)]
     sent = {key: sent_after[key] - sent_before.get(key, 0) for key in sent_after}
     frames = sent["speech"] + sent["idle"] + sent["repeated"]
     report = {
         "sessions": sessions, "preset": preset, "seconds": round(elapsed, 2),
         "server_cpu_ms_per_session_frame": round((cpu_after - cpu_before) * 1000 / max(1, frames), 2),
         "server_cpu_cores": round((cpu_after - cpu_before) / elapsed, 2),
-        "frames_sent": sent, "received_fps": [round(result["frames"] / elapsed, 1) for result in results],
+        "frames_sent": sent, "received_fps": [round(result["fps"], 1) for result in results],
         "voice_latency_ms": [result["voice_latency_ms"] for result in results],
         "mouth_onset_after_voice_ms": results[0]["mouth_onset_after_voice_ms"],
         "interrupt_to_closed_mouth_ms": results[0]["interrupt_to_closed_mouth_ms"],
@@ -670,12 +674,20 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
     return report
 
 
+@dataclass(slots=True)
+class _Recording:
+    first_sent: float                          # when the first speech chunk went out
+    interrupted: float | None                  # when the interrupt went out
+    video: list[tuple[float, av.VideoFrame]]   # (arrival, frame)
+    audio: list[tuple[float, av.AudioFrame]]
+
+
 async def _one_peer(http: Any, base: str, session_id: str, pc: RTCPeerConnection, speech: np.ndarray, rate: int,
-                    seconds: float, *, measure: bool) -> dict[str, Any]:
+                    seconds: float, *, interrupt: bool) -> _Recording:
+    """Speak over the websocket in real time (interrupting 1 s before the end if asked) while receiving both tracks."""
     loop = asyncio.get_running_loop()
     tracks = {receiver.track.kind: receiver.track for receiver in pc.getReceivers()}
-    video: list[tuple[float, av.VideoFrame]] = []
-    audio: list[tuple[float, av.AudioFrame]] = []
+    recording = _Recording(0.0, None, [], [])
     until = loop.time() + seconds
 
     async def receive(track: MediaStreamTrack, into: list[Any]) -> None:
@@ -684,31 +696,36 @@ async def _one_peer(http: Any, base: str, session_id: str, pc: RTCPeerConnection
                 frame = await asyncio.wait_for(track.recv(), 5)
                 into.append((loop.time(), frame))
 
-    async def speak() -> tuple[float, float | None]:
+    async def speak() -> None:
         socket = await http.ws_connect(f"{base}/api/sessions/{session_id}/audio?rate={rate}")
-        chunk = rate // 50
         talk = speech[: int(rate * max(1.0, seconds - 4.0))]
-        first_sent = loop.time()
-        interrupt_at = first_sent + len(talk) / rate - 1.0 if measure else None
-        for index, offset in enumerate(range(0, len(talk), chunk)):
+        recording.first_sent = loop.time()
+        interrupt_at = recording.first_sent + len(talk) / rate - 1.0 if interrupt else None
+        for index, offset in enumerate(range(0, len(talk), rate // 50)):
             if interrupt_at is not None and loop.time() >= interrupt_at:
                 await http.post(f"{base}/api/sessions/{session_id}/interrupt")
+                recording.interrupted = loop.time()
                 break
-            await socket.send_bytes(talk[offset:offset + chunk].tobytes())
-            await asyncio.sleep(max(0.0, first_sent + (index + 1) / 50 - loop.time()))
+            await socket.send_bytes(talk[offset:offset + rate // 50].tobytes())
+            await asyncio.sleep(max(0.0, recording.first_sent + (index + 1) / 50 - loop.time()))
         await socket.close()
-        return first_sent, interrupt_at
 
-    (first_sent, interrupted), *_ = await asyncio.gather(speak(), receive(tracks["video"], video),
-                                                        receive(tracks["audio"], audio))
+    await asyncio.gather(speak(), receive(tracks["video"], recording.video), receive(tracks["audio"], recording.audio))
+    return recording
+
+
+def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: bool) -> dict[str, Any]:
+    """Received fps span, the voice's delay, and (when `measure`) the mouth against the voice, with dlib."""
+    video, audio = recording.video, recording.audio
     level = np.array([np.abs(frame.to_ndarray().astype(np.int32)).max() for _, frame in audio])
     voiced = np.flatnonzero(level > 500)
-    result: dict[str, Any] = {"frames": len(video), "mouth_onset_after_voice_ms": None,
-                              "interrupt_to_closed_mouth_ms": None,
-                              "voice_latency_ms": None}
+    span = video[-1][0] - video[0][0] if len(video) > 1 else 0.0
+    result: dict[str, Any] = {"fps": (len(video) - 1) / span if span else 0.0, "voice_latency_ms": None,
+                              "mouth_onset_after_voice_ms": None, "interrupt_to_closed_mouth_ms": None}
     spoken = np.flatnonzero(np.abs(speech.astype(np.int32)) > 500)
     if len(voiced) and len(spoken):  # from the first loud sample sent to the first loud voice frame received
-        result["voice_latency_ms"] = round((audio[voiced[0]][0] - first_sent - spoken[0] / rate) * 1000, 1)
+        latency = audio[voiced[0]][0] - recording.first_sent - spoken[0] / rate
+        result["voice_latency_ms"] = round(latency * 1000, 1)
     if measure and len(voiced) and video:
         aperture = _apertures([frame.to_ndarray(format="bgr24") for _, frame in video])
         video_s = np.array([(frame.pts - video[0][1].pts) / VIDEO_CLOCK_HZ for _, frame in video])
@@ -717,9 +734,10 @@ async def _one_peer(http: Any, base: str, session_id: str, pc: RTCPeerConnection
         if len(opened):
             result["mouth_onset_after_voice_ms"] = round((video_s[opened[0]] - voice_s) * 1000, 1)
         arrivals = np.array([arrival for arrival, _ in video])
-        closed = np.flatnonzero((arrivals > interrupted) & (aperture < 0.05))
-        if interrupted is not None and len(closed):
-            result["interrupt_to_closed_mouth_ms"] = round((arrivals[closed[0]] - interrupted) * 1000, 1)
+        if recording.interrupted is not None:
+            closed = np.flatnonzero((arrivals > recording.interrupted) & (aperture < 0.05))
+            if len(closed):
+                result["interrupt_to_closed_mouth_ms"] = round((arrivals[closed[0]] - recording.interrupted) * 1000, 1)
     return result
 
 
