@@ -101,16 +101,14 @@ class PacedVideoTrack(MediaStreamTrack):
         self.live = live
         self.slot = 0
         self.step = int(VIDEO_CLOCK_HZ / live.timing.fps)
-        self.kinds: dict[str, int] = {"speech": 0, "repeat": 0, "idle": 0}
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        image, kind = await self.live.next_video(self.slot)
+        image, _ = await self.live.next_video(self.slot)
         frame = av.VideoFrame.from_ndarray(image, format="bgr24")
         frame.pts = self.slot * self.step
         frame.time_base = Fraction(1, VIDEO_CLOCK_HZ)
-        self.kinds[kind] += 1
         self.slot += 1
         return frame
 
@@ -148,7 +146,6 @@ class LiveAvatarSession:
         self.avatar = avatar
         self.live = live
         self.pc: RTCPeerConnection | None = None
-        self.video: PacedVideoTrack | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_activity = time.monotonic()
         self.last_packets = -1
@@ -307,9 +304,8 @@ async def offer(request: web.Request) -> web.Response:
     settings = server.settings
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(url) for url in settings.ice_servers]))
     session.pc = pc
-    session.video = PacedVideoTrack(session.live)
     pc.addTrack(PacedAudioTrack(session.live))
-    video_sender = pc.addTrack(session.video)
+    video_sender = pc.addTrack(PacedVideoTrack(session.live))
 
     @pc.on("track")
     def on_track(track: MediaStreamTrack) -> None:
