@@ -23,6 +23,7 @@ import secrets
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class ServerSettings:
     preset: str = "fast"
     backend: str = "embedded"
     checkpoints: str | None = None
+    latency_ms: float | None = None    # speech in -> its frame out (None: Avatar.live_latency_ms)
     video_codec: str = "VP8"           # VP8 first on a CPU (aiortc's H.264 runs x264 at its medium preset)
     ice_servers: tuple[str, ...] = ()  # none by default: no STUN lookups on a LAN, loopback or offline
     cors_origin: str | None = None
@@ -108,6 +110,7 @@ class PacedVideoTrack(MediaStreamTrack):
         self.live = live
         self.slot = 0
         self.step = int(VIDEO_CLOCK_HZ / live.timing.fps)
+        self.sent_at: deque[float] = deque(maxlen=int(live.timing.fps) + 1)   # the last second's frames
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
@@ -117,7 +120,14 @@ class PacedVideoTrack(MediaStreamTrack):
         frame.pts = self.slot * self.step
         frame.time_base = Fraction(1, VIDEO_CLOCK_HZ)
         self.slot += 1
+        self.sent_at.append(time.monotonic())
         return frame
+
+    @property
+    def fps(self) -> float:
+        """Frames handed to the encoder per second, over the last second."""
+        span = self.sent_at[-1] - self.sent_at[0] if len(self.sent_at) > 1 else 0.0
+        return (len(self.sent_at) - 1) / span if span else 0.0
 
 
 class PacedAudioTrack(MediaStreamTrack):
@@ -248,6 +258,7 @@ class LiveAvatarSession:
         self.avatar = avatar
         self.live = live
         self.pc: RTCPeerConnection | None = None
+        self.video: PacedVideoTrack | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_activity = time.monotonic()
         self.last_packets = -1
@@ -303,7 +314,8 @@ class Server:
             avatar = await loop.run_in_executor(self.prepare_pool, self._prepare, portrait, preset, name)
         finally:
             self.preparing -= 1
-        session = LiveAvatarSession(secrets.token_urlsafe(12), avatar, avatar.open_live())
+        session = LiveAvatarSession(secrets.token_urlsafe(12), avatar,
+                                    avatar.open_live(latency_ms=self.settings.latency_ms))
         await session.live.start()
         self.sessions[session.id] = session
         self.counters["sessions_created"] += 1
@@ -407,7 +419,8 @@ async def offer(request: web.Request) -> web.Response:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(url) for url in settings.ice_servers]))
     session.pc = pc
     audio_sender = pc.addTrack(PacedAudioTrack(session.live))
-    video_sender = pc.addTrack(PacedVideoTrack(session.live))
+    session.video = PacedVideoTrack(session.live)
+    video_sender = pc.addTrack(session.video)
     _prefer(pc, video_sender, settings.video_codec, only=False)
     _prefer(pc, audio_sender, "opus", only=True)
 
@@ -494,13 +507,14 @@ async def metrics(request: web.Request) -> web.Response:
         "frames_dropped": lambda s: s.live.pacer.stats.dropped_frames,
         "clock_reanchors": lambda s: s.live.pacer.stats.reanchors,
         "speech_received_seconds": lambda s: s.live.received_speech_s,
+        "video_fps": lambda s: round(s.video.fps, 2) if s.video else 0.0,
+        "latency_target_seconds": lambda s: s.live.pacer.latency_ns / 1e9,
+        "speech_to_frame_seconds": lambda s: s.live.pacer.stats.speech_latency_ns / 1e9,
+        "least_frame_slack_seconds": lambda s: (s.live.pacer.stats.least_slack_ns or 0) / 1e9,
     }
     for metric, read in per_session.items():
         lines.append(f"# TYPE talkstream_{metric} gauge")
         lines += [f'talkstream_{metric}{{session="{s.id}"}} {read(s)}' for s in server.sessions.values()]
-    lines.append("# TYPE talkstream_latency_seconds gauge")
-    lines += [f'talkstream_latency_seconds{{session="{s.id}"}} {s.live.pacer.latency_ns / 1e9}'
-              for s in server.sessions.values()]
     lines.append("# TYPE talkstream_stage_busy_ms_per_frame gauge")
     for session in server.sessions.values():
         profiler = session.live.session.profiler
@@ -678,6 +692,16 @@ def make_app(settings: ServerSettings) -> web.Application:
 JANITOR = web.AppKey("janitor", asyncio.Task)
 
 
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds between 0 and 10000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="talkstream serve", description="The live avatar server: open "
                                      "http://HOST:PORT/ in a browser, or drive it through its JSON API.")
@@ -689,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="fast", help="default preset of new sessions (default: %(default)s)")
     parser.add_argument("--backend", default="embedded", help="embedded or sadtalker (default: %(default)s)")
     parser.add_argument("--checkpoints", help="model files (SadTalker, GFPGAN) for the sadtalker backend")
+    parser.add_argument("--latency-ms", type=_positive_ms, help="from speech in to its frame out (default: what the "
+                        "preset and backend need: 100 ms for the embedded backend at ultra_fast)")
     parser.add_argument("--codec", choices=("VP8", "H264"), default="VP8", help="preferred video codec")
     parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
                         help="a STUN/TURN server (repeatable; none by default)")
@@ -700,7 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------------- benchmark
 
 
-async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[str], None]) -> dict[str, Any]:
+async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[str], None], *,
+                     latency_ms: float | None = None, codec: str = "VP8", server_cpu: int | None = None
+                     ) -> dict[str, Any]:
     """`sessions` peers on loopback against a server process of their own: each streams the example speech over the
     websocket in real time and receives the paced tracks. Measures what the server process spends per frame it
     sends, what each peer receives, the delay from speech sent to its voice received, and (on the first peer, with
@@ -712,8 +740,16 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
 
     port = _free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(SERVER_FILE), "--port", str(port), "--preset", preset,
-        "--max-sessions", str(sessions), stderr=asyncio.subprocess.DEVNULL)
+        sys.executable, "-m", "stream.cli", "serve", "--port", str(port), "--preset", preset, "--codec", codec,
+        "--max-sessions", str(sessions), *(["--latency-ms", str(latency_ms)] if latency_ms else []),
+        stderr=asyncio.subprocess.DEVNULL, cwd=SERVER_FILE.parent)
+    if server_cpu is not None:  # what one core sustains: the server on it, the peers on the others
+        try:
+            os.sched_setaffinity(process.pid, {server_cpu})
+            os.sched_setaffinity(0, os.sched_getaffinity(0) - {server_cpu} or {server_cpu})
+        except (OSError, ValueError) as error:
+            process.kill()
+            raise TalkstreamError(f"cannot pin the server to CPU {server_cpu}: {error}") from None
     base = f"http://127.0.0.1:{port}"
     restrict_ice_to("127.0.0.1")
     reader = AudioReader(EXAMPLES["astronaut"].parent / "speech.wav")
@@ -737,7 +773,10 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
             for _ in range(sessions):
                 form = aiohttp.FormData()
                 form.add_field("example", "astronaut")
-                session_id = (await (await http.post(f"{base}/api/sessions", data=form)).json())["id"]
+                created = await (await http.post(f"{base}/api/sessions", data=form)).json()
+                if "id" not in created:
+                    raise TalkstreamError(f"the server refused a session: {created.get('error')}")
+                session_id = created["id"]
                 pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
                 pc.addTransceiver("video", direction="recvonly")
                 pc.addTransceiver("audio", direction="recvonly")
@@ -748,12 +787,16 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
                 peers.append((session_id, pc))
             await asyncio.sleep(1.0)
             cpu_before, sent_before = _process_cpu_s(process.pid), await _frames_sent(http, base)
+            peers_cpu_before = _process_cpu_s(os.getpid())
             started = loop.time()
             recordings = await asyncio.gather(*(
                 _one_peer(http, base, session_id, pc, speech, rate, seconds, interrupt=index == 0)
                 for index, (session_id, pc) in enumerate(peers)))
             elapsed = loop.time() - started
             cpu_after, sent_after = _process_cpu_s(process.pid), await _frames_sent(http, base)
+            peers_cpu = _process_cpu_s(os.getpid()) - peers_cpu_before
+            server_latency = await _per_session(http, base, "speech_to_frame_seconds")
+            slack = await _per_session(http, base, "least_frame_slack_seconds")
             for _, pc in peers:
                 await pc.close()
     finally:
@@ -763,10 +806,16 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
     sent = {key: sent_after[key] - sent_before.get(key, 0) for key in sent_after}
     frames = sent["speech"] + sent["idle"] + sent["repeated"]
     report = {
-        "sessions": sessions, "preset": preset, "seconds": round(elapsed, 2),
+        "sessions": sessions, "preset": preset, "codec": codec, "server_cpu": server_cpu,
+        "seconds": round(elapsed, 2),
         "server_cpu_ms_per_session_frame": round((cpu_after - cpu_before) * 1000 / max(1, frames), 2),
         "server_cpu_cores": round((cpu_after - cpu_before) / elapsed, 2),
+        "peers_cpu_cores": round(peers_cpu / elapsed, 2),   # the clients share this machine: near 1 they lag
         "frames_sent": sent, "received_fps": [round(result["fps"], 1) for result in results],
+        "speech_to_frame_sent_ms": [round(server_latency.get(session_id, 0.0) * 1000, 1)
+                                    for session_id, _ in peers],
+        "least_frame_slack_ms": [round(slack.get(session_id, 0.0) * 1000, 1) for session_id, _ in peers],
+        "speech_to_frame_received_ms": [result["frame_latency_ms"] for result in results],
         "voice_latency_ms": [result["voice_latency_ms"] for result in results],
         "mouth_onset_after_voice_ms": results[0]["mouth_onset_after_voice_ms"],
         "interrupt_to_closed_mouth_ms": results[0]["interrupt_to_closed_mouth_ms"],
@@ -816,25 +865,33 @@ async def _one_peer(http: Any, base: str, session_id: str, pc: RTCPeerConnection
 
 
 def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: bool) -> dict[str, Any]:
-    """Received fps span, the voice's delay, and (when `measure`) the mouth against the voice, with dlib."""
+    """Received fps span, the delays from the speech's onset sent to its voice and to the frame of that instant
+    received, and (when `measure`) the mouth against the voice, with dlib."""
     video, audio = recording.video, recording.audio
     level = np.array([np.abs(frame.to_ndarray().astype(np.int32)).max() for _, frame in audio])
     voiced = np.flatnonzero(level > 500)
-    span = video[-1][0] - video[0][0] if len(video) > 1 else 0.0
-    result: dict[str, Any] = {"fps": (len(video) - 1) / span if span else 0.0, "voice_latency_ms": None,
-                              "mouth_onset_after_voice_ms": None, "interrupt_to_closed_mouth_ms": None}
+    arrivals = np.array([arrival for arrival, _ in video])
+    steady = arrivals[arrivals >= arrivals[0] + 1.0] if len(arrivals) else arrivals  # past frames queued on connect
+    span = steady[-1] - steady[0] if len(steady) > 1 else 0.0
+    result: dict[str, Any] = {"fps": (len(steady) - 1) / span if span else 0.0, "voice_latency_ms": None,
+                              "frame_latency_ms": None, "mouth_onset_after_voice_ms": None,
+                              "interrupt_to_closed_mouth_ms": None}
     spoken = np.flatnonzero(np.abs(speech.astype(np.int32)) > 500)
-    if len(voiced) and len(spoken):  # from the first loud sample sent to the first loud voice frame received
-        latency = audio[voiced[0]][0] - recording.first_sent - spoken[0] / rate
-        result["voice_latency_ms"] = round(latency * 1000, 1)
-    if measure and len(voiced) and video:
+    if not (len(voiced) and len(spoken) and video):
+        return result
+    onset_sent = recording.first_sent + spoken[0] / rate   # when the first loud sample went out
+    result["voice_latency_ms"] = round((audio[voiced[0]][0] - onset_sent) * 1000, 1)
+    # Both tracks start at media time 0: the frame whose slot holds the voice's onset shows it.
+    video_s = np.array([(frame.pts - video[0][1].pts) / VIDEO_CLOCK_HZ for _, frame in video])
+    voice_s = (audio[voiced[0]][1].pts - audio[0][1].pts) / 48000
+    onset_frame = np.flatnonzero(video_s <= voice_s)
+    if len(onset_frame):
+        result["frame_latency_ms"] = round((video[onset_frame[-1]][0] - onset_sent) * 1000, 1)
+    if measure:
         aperture = _apertures([frame.to_ndarray(format="bgr24") for _, frame in video])
-        video_s = np.array([(frame.pts - video[0][1].pts) / VIDEO_CLOCK_HZ for _, frame in video])
-        voice_s = (audio[voiced[0]][1].pts - audio[0][1].pts) / 48000
         opened = np.flatnonzero((aperture > 0.08) & (video_s > voice_s - 0.5))
         if len(opened):
             result["mouth_onset_after_voice_ms"] = round((video_s[opened[0]] - voice_s) * 1000, 1)
-        arrivals = np.array([arrival for arrival, _ in video])
         if recording.interrupted is not None:
             closed = np.flatnonzero((arrivals > recording.interrupted) & (aperture < 0.05))
             if len(closed):
@@ -862,11 +919,17 @@ def _apertures(images: list[np.ndarray]) -> np.ndarray:
 
 
 async def _frames_sent(http: Any, base: str) -> dict[str, float]:
-    text = await (await http.get(f"{base}/metrics")).text()
-    totals = {"speech": 0.0, "idle": 0.0, "repeated": 0.0, "dropped": 0.0}
-    for kind in totals:
-        totals[kind] = sum(float(value) for value in re.findall(rf"talkstream_frames_{kind}{{[^}}]*}} (\S+)", text))
+    totals = {}
+    for kind in ("speech", "idle", "repeated", "dropped"):
+        totals[kind] = sum((await _per_session(http, base, f"frames_{kind}")).values())
     return totals
+
+
+async def _per_session(http: Any, base: str, metric: str) -> dict[str, float]:
+    """{session id: value} of one of the server's per-session metrics."""
+    text = await (await http.get(f"{base}/metrics")).text()
+    return {session: float(value)
+            for session, value in re.findall(rf'talkstream_{metric}{{session="([^"]*)"}} (\S+)', text)}
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -897,7 +960,8 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)  # one thread per library; sessions run side by side on threads of their own
     logging.basicConfig(level=logging.INFO, format="talkstream: %(name)s: %(message)s")
     settings = ServerSettings(host=args.host, port=args.port, token=args.token or None, preset=args.preset,
-                              backend=args.backend, checkpoints=args.checkpoints, video_codec=args.codec,
+                              backend=args.backend, checkpoints=args.checkpoints, latency_ms=args.latency_ms,
+                              video_codec=args.codec,
                               ice_servers=tuple(args.ice_server), cors_origin=args.cors_origin,
                               limits=Limits(max_sessions=args.max_sessions))
     print(f"talkstream: serving on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)

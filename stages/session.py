@@ -27,7 +27,15 @@ from typing import Any, Self
 import cv2
 import numpy as np
 
-from stages.audio import AAC_RATES_HZ, FEATURE_RATE_HZ, AudioReader, FeatureChunker, SpeechFormat, output_format
+from stages.audio import (
+    AAC_RATES_HZ,
+    FEATURE_RATE_HZ,
+    MEL_LEAD_MS,
+    AudioReader,
+    FeatureChunker,
+    SpeechFormat,
+    output_format,
+)
 from stages.blend import BLEND_MODES, Blender, ComposeStage
 from stages.enhance import WISHES, Restorer, make_enhancer, prepare_restorer, resolve_enhancer
 from stages.motion import EmbeddedMotion, IdleMotion, MotionStage, SpeechBuffer
@@ -45,6 +53,7 @@ from stream.profile import Profiler, StageTimes
 BACKENDS = ("embedded", "sadtalker")
 SADTALKER_CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")  # spec §1.1
 SADTALKER_MOTION = ("streaming", "offline")
+LIVE_RENDER_MARGIN_MS = 40   # a live frame's rendering and its hops between stages, with a busy second core
 LIVE_RATES_HZ = (16000, 24000, 48000)  # raw live PCM's rates: a 16 kHz microphone, 24 kHz TTS, Opus' 48 kHz
 
 
@@ -196,8 +205,31 @@ class Avatar:
 
         return paint
 
-    def open_live(self, *, clock: Clock | None = None, latency_ms: float = 120.0, seed: int = 0) -> LiveSession:
-        """A live session: speech pushed as it is spoken; paced video and voice out, idle in the silences."""
+    @property
+    def speech_lead_ms(self) -> float:
+        """How far past a frame's start the speech must have arrived before the frame can be made: the frame itself
+        and the motion's look-ahead (SadTalker: MappingNet's future frames, the pose's look-ahead and smoother lag,
+        and the mel window). What a live session's latency covers, before render time."""
+        frame_ms = 1000 / float(self.preset.video.frame_rate)
+        settings = self.settings
+        if isinstance(settings, SadTalkerSettings):
+            if settings.motion == "offline":
+                raise InputError("SadTalker's offline motion waits for the end of each utterance: a live session "
+                                 "needs a streaming preset (ultra_fast, fast or balanced)")
+            future = settings.mapping_future_frames + settings.pose_lookahead_frames + settings.pose_lag_frames
+            return future * frame_ms + MEL_LEAD_MS
+        return frame_ms + self.preset.motion.lookahead_ms
+
+    @property
+    def live_latency_ms(self) -> float:
+        """A live session's default latency: the speech lead, a batch's wait, and a margin for rendering and the
+        hops between stages on a busy machine (the embedded backend at ultra_fast: 60 + 0 + 40 ms)."""
+        return self.speech_lead_ms + self.preset.render.max_wait_ms + LIVE_RENDER_MARGIN_MS
+
+    def open_live(self, *, clock: Clock | None = None, latency_ms: float | None = None,
+                  seed: int = 0) -> LiveSession:
+        """A live session: speech pushed as it is spoken; paced video and voice out, idle in the silences.
+        `latency_ms`: from speech in to its frame out (default: `live_latency_ms`)."""
         return LiveSession(self, clock=clock, latency_ms=latency_ms, seed=seed)
 
     @classmethod
@@ -424,13 +456,18 @@ class LiveSession(_Closing):
     AHEAD_FRAMES = 25     # rendered frames held ahead of the video cursor (1 s at 25 fps): bounded memory
     TAIL_FRAMES = 2       # silence after an utterance, so that its last frames clear the motion look-ahead
     # An open utterance whose voice runs out sooner than this is ended (padded): its last frames wait for the
-    # padding's look-ahead and must still make their slots. A real-time stream keeps `latency_ms` of voice ahead,
-    # so only a pause (or a hiccup longer than latency - guard) ends it.
-    GUARD_MS = 80
+    # padding's look-ahead and must still make their slots, which takes a render margin. A real-time stream keeps
+    # `latency_ms` of voice ahead (less one chunk), so only a pause or a hiccup longer than that less this ends it.
+    GUARD_MS = LIVE_RENDER_MARGIN_MS
 
-    def __init__(self, avatar: Avatar, *, clock: Clock | None = None, latency_ms: float = 120.0,
+    def __init__(self, avatar: Avatar, *, clock: Clock | None = None, latency_ms: float | None = None,
                  seed: int = 0) -> None:
         self.avatar = avatar
+        if latency_ms is None:
+            latency_ms = avatar.live_latency_ms
+        elif latency_ms < avatar.speech_lead_ms:
+            raise InputError(f"a latency of {latency_ms:g} ms is under the {avatar.speech_lead_ms:g} ms of speech "
+                             "this avatar's frames need ahead of them")
         self.timing = Timing(avatar.preset.video.frame_rate, self.VOICE_RATE_HZ)
         self.pacer = LivePacer(self.timing, clock, latency_ms=latency_ms)
         self.session = Session(avatar, output_format(self.VOICE_RATE_HZ, 1))

@@ -80,12 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--live", type=_positive(int), metavar="SESSIONS", help="instead: that many WebRTC peers "
                        "on loopback against a server process, speaking for --seconds (e.g. --live 4 --seconds 15 "
                        "--presets ultra_fast)")
+    bench.add_argument("--latency-ms", type=float, help="with --live: the sessions' latency (default: the "
+                       "preset's own)")
+    bench.add_argument("--codec", choices=("VP8", "H264"), default="VP8", help="with --live: the video codec "
+                       "(default: %(default)s)")
     bench.add_argument("--portrait", type=Path, default=EXAMPLE_PORTRAIT, help="the portrait of the enhancer "
                        "timing (default: the example)")
     bench.add_argument("--batches", type=_sizes, default="1,4", metavar="SIZES",
                        help="batch sizes of the enhancer timing (default: %(default)s)")
     bench.add_argument("--cpu", type=int, metavar="N", help="pin the whole process to CPU N: the one-core figure "
-                       "(without it, CPU time per frame includes what a second, shared core costs)")
+                       "(without it, CPU time per frame includes what a second, shared core costs); with --live, "
+                       "the server alone, the peers on the other CPUs")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     bench.add_argument("-v", "--verbose", action="store_true", help="debug lines")
 
@@ -246,7 +251,8 @@ def _bench(args: argparse.Namespace) -> int:
         from stream import bench as bench_output
 
         preset = args.presets.split(",")[0].strip() or "ultra_fast"
-        report = run_async(server.bench_live(args.live, args.seconds, preset, print))
+        report = run_async(server.bench_live(args.live, args.seconds, preset, print, latency_ms=args.latency_ms,
+                                             codec=args.codec, server_cpu=args.cpu))
         if args.json:
             bench_output.write_json(args.json, report)
         return 0

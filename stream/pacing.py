@@ -73,6 +73,7 @@ class Timing:
 class _Utterance:
     first_slot: int
     first_sample: int                 # where its voice starts on the media timeline (its first slot's start)
+    opened_ns: int                    # when its first speech arrived (clock time)
     voice: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
     played: int = 0                   # voice samples before `voice[0]` that were already sent and let go
     ended: bool = False
@@ -97,6 +98,8 @@ class PacingStats:
     repeated_frames: int = 0
     dropped_frames: int = 0
     reanchors: int = 0
+    speech_latency_ns: int = 0        # the last utterance's: from its first speech in to its first frame out
+    least_slack_ns: int | None = None # the least time a speech frame arrived before its deadline (< 0: late)
     voiced_blocks: int = 0
     silent_blocks: int = 0
 
@@ -156,7 +159,7 @@ class LivePacer:
         if current is None or current.ended:
             slot = max(self.timing.first_slot_from(self._media_now_ns() + self.latency_ns), self._next_slot,
                        self._first_free_slot())
-            current = _Utterance(slot, slot * self.timing.frame_samples)
+            current = _Utterance(slot, slot * self.timing.frame_samples, self.clock.now_ns())
             self._utterances.append(current)
         if len(voice):
             current.voice = np.concatenate([current.voice, np.asarray(voice, np.int16).reshape(-1)])
@@ -199,6 +202,10 @@ class LivePacer:
             return  # a frame of no known speech: the caller interrupted, or did not announce its speech
         slot = utterance.first_slot + utterance.delivered
         utterance.delivered += 1
+        if self.origin_ns is not None:
+            slack = self.deadline_ns(self.timing.slot_ns(slot)) - self.clock.now_ns()
+            least = self.stats.least_slack_ns
+            self.stats.least_slack_ns = slack if least is None else min(least, slack)
         if slot < self._next_slot:
             self.stats.dropped_frames += 1
         else:
@@ -228,6 +235,8 @@ class LivePacer:
         self._next_slot = max(self._next_slot, slot + 1)
         # An open utterance also covers the slot of its partial last frame: more voice is on its way.
         utterance = next((u for u in self._utterances if u.first_slot <= slot < u.first_slot + self._slots(u)), None)
+        if utterance is not None and slot == utterance.first_slot:
+            self.stats.speech_latency_ns = self.clock.now_ns() - utterance.opened_ns
         if utterance is not None and slot in utterance.frames:
             self._last_frame, kind = utterance.frames.pop(slot), "speech"
             self.stats.speech_frames += 1

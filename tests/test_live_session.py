@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stages.session import Avatar
+from stream.errors import InputError
 from tests.conftest import PORTRAIT, speech_clip
 
 
@@ -52,21 +53,28 @@ def test_voice_and_frames_start_together_and_idle_fills_the_silence(avatar: Avat
     video, audio = asyncio.run(run_live(avatar, pcm, slots=60, push_at_block=10))
     kinds = [kind for _, kind in video]
     first = kinds.index("speech")
-    # Pushed at 200 ms: the utterance opens at the first slot 120 ms later, slot 9 (360 ms).
-    assert first == 9 and kinds[:first] == ["idle"] * first
+    # Pushed at 200 ms: the utterance opens at the first slot 100 ms later (the preset's latency), slot 8 (320 ms).
+    assert avatar.live_latency_ms == 100
+    assert first == 8 and kinds[:first] == ["idle"] * first
     spoken = kinds[first:first + 27]        # 25 frames of voice and a 2-frame tail of silence
     assert spoken.count("speech") >= 25 and set(spoken) <= {"speech", "repeat"}
     assert set(kinds[first + 27:]) == {"idle"}
-    # The voice: block 2 * 9 on, the input resampled to 48 kHz, contiguous (its own silences included).
+    # The voice: block 2 * 8 on, the input resampled to 48 kHz, contiguous (its own silences included).
     voice = np.concatenate(audio)
-    assert not voice[:18 * 960].any()
-    played = voice[18 * 960:18 * 960 + 48000].astype(np.float64)
+    assert not voice[:16 * 960].any()
+    played = voice[16 * 960:16 * 960 + 48000].astype(np.float64)
     resampled = np.interp(np.arange(48000) / 3, np.arange(16000), pcm.astype(np.float64))
     assert np.corrcoef(played[:47000], resampled[:47000])[0, 1] > 0.95
-    assert not voice[(18 + 50) * 960:].any()
+    assert not voice[(16 + 50) * 960:].any()
     # Idle frames move (the head sways) and speech frames differ from them (the mouth).
     idle_images = [image for image, kind in video if kind == "idle"]
     assert any(np.any(a != b) for a, b in zip(idle_images, idle_images[1:]))
+
+
+def test_a_latency_below_what_the_frames_need_is_refused(avatar: Avatar) -> None:
+    assert avatar.speech_lead_ms == 60          # a 40 ms frame and the ultra_fast motion's 20 ms look-ahead
+    with pytest.raises(InputError, match="under the 60 ms"):
+        avatar.open_live(latency_ms=50)
 
 
 def test_interrupt_silences_the_voice_and_returns_to_idle(avatar: Avatar, tmp_path: Path) -> None:

@@ -80,16 +80,32 @@ def test_speech_opens_at_the_first_slot_past_the_latency_and_plays_in_sync(pacer
     assert not pacer.speaking
 
 
-def test_a_late_frame_is_repeated_at_its_deadline_then_dropped(pacer: LivePacer) -> None:
+def test_the_latency_from_speech_in_to_its_first_frame_out_is_measured(clock: FakeClock, pacer: LivePacer) -> None:
+    clock.now += 130_000_000                  # speech arrives 130 ms into the session: 250 ms is the first slot past
+    pacer.speak(voice(2))                     # 130 + 120 ms (slot 7 starts at 280 ms)
+    pacer.end_utterance()
+    pacer.deliver("a")
+    for slot in range(7):
+        asyncio.run(pacer.wait_for(TIMING.slot_ns(slot)))
+        show(pacer, slot)
+    assert pacer.stats.speech_latency_ns == 0
+    asyncio.run(pacer.wait_for(TIMING.slot_ns(7)))
+    assert show(pacer, 7) == ("a", "speech")
+    assert pacer.stats.speech_latency_ns == 150_000_000
+
+
+def test_a_late_frame_is_repeated_at_its_deadline_then_dropped(clock: FakeClock, pacer: LivePacer) -> None:
     pacer.speak(voice(3))
     pacer.end_utterance()
     pacer.deliver("a")
     assert show(pacer, 3) == ("a", "speech")
     assert show(pacer, 4) == ("a", "repeat")     # "b" is late: the last frame holds the cadence
+    clock.now = pacer.deadline_ns(TIMING.slot_ns(4)) + 5_000_000
     pacer.deliver("b")                                     # ... and "b" arrives after its slot: dropped
     pacer.deliver("c")
     assert show(pacer, 5) == ("c", "speech")
     assert (pacer.stats.repeated_frames, pacer.stats.dropped_frames) == (1, 1)
+    assert pacer.stats.least_slack_ns == -5_000_000
 
 
 def test_frames_owed_to_a_finished_utterance_are_not_given_to_the_next(pacer: LivePacer) -> None:

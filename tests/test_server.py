@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import wave
 from collections.abc import AsyncIterator
 from fractions import Fraction
 
 import aiohttp
+import cv2
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
@@ -17,7 +19,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from server import Limits, ServerSettings, make_app
-from tests.conftest import SPEECH
+from tests.conftest import PORTRAIT, SPEECH
 from tests.quality import FaceMeasurer, mouth_geometry, stack_landmarks
 
 pytestmark = pytest.mark.timeout(300)
@@ -190,6 +192,44 @@ async def test_bad_requests_get_their_status_and_the_server_goes_on(server: Test
         assert full.status == 503                             # two sessions live: the limit
         health = await http.get(f"{base}/healthz")
         assert health.status == 200 and (await health.json())["sessions"] == 2
+
+
+async def test_h264_when_configured_and_opus_required() -> None:
+    test_server = TestServer(make_app(ServerSettings(preset="ultra_fast", video_codec="H264")), host="127.0.0.1")
+    await test_server.start_server()
+    base = str(test_server.make_url("")).rstrip("/")
+    try:
+        async with aiohttp.ClientSession() as http:
+            session_id = (await (await create(http, base, example="astronaut")).json())["id"]
+            pc = await connect(http, base, session_id)                # the peer offers VP8 first, then H.264
+            video = next(r for r in pc.getReceivers() if r.track.kind == "video").track
+            frames: list = []
+            await collect(video, asyncio.get_running_loop().time() + 2.0, frames)
+            answer = pc.remoteDescription.sdp
+            video_line = next(line for line in answer.splitlines() if line.startswith("m=video"))
+            first = video_line.split()[3]
+            assert f"a=rtpmap:{first} H264/90000" in answer
+            assert len(frames) >= 30
+            steps = {b.pts - a.pts for (_, a), (_, b) in zip(frames, frames[1:], strict=False)}
+            assert steps == {3600}
+            image = frames[-1][1].to_ndarray(format="bgr24")
+            portrait = cv2.imread(str(PORTRAIT))
+            assert image.shape == portrait.shape
+            assert np.abs(image.astype(np.int16) - portrait).mean() < 12   # the portrait, decoded from H.264
+            await pc.close()
+
+            other = (await (await create(http, base, example="astronaut")).json())["id"]
+            peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            peer.addTransceiver("audio", direction="recvonly")
+            await peer.setLocalDescription(await peer.createOffer())
+            no_opus = "\r\n".join(line for line in peer.localDescription.sdp.splitlines()
+                                   if "opus" not in line.lower()) + "\r\n"
+            no_opus = re.sub(r"^(m=audio .*?) 96\b", r"\1", no_opus, flags=re.MULTILINE)
+            refused = await http.post(f"{base}/api/sessions/{other}/offer", json={"sdp": no_opus, "type": "offer"})
+            assert refused.status == 400 and "negotiate" in (await refused.json())["error"]
+            await peer.close()
+    finally:
+        await test_server.close()
 
 
 async def test_a_token_guards_the_api() -> None:
