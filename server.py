@@ -116,7 +116,8 @@ class PacedVideoTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         image, _ = await self.live.next_video(self.slot)
-        frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+        # wrapped, not copied (8 us against 130 on the event loop); each frame is a fresh array nobody writes to
+        frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(image), format="bgr24")
         frame.pts = self.slot * self.step
         frame.time_base = Fraction(1, VIDEO_CLOCK_HZ)
         self.slot += 1
@@ -133,7 +134,7 @@ class PacedVideoTrack(MediaStreamTrack):
 class PacedAudioTrack(MediaStreamTrack):
     """The voice, 20 ms at 48 kHz per packet at the same clock's deadlines, silence when nobody speaks.
 
-    Encoded here, as mono Opus: about 0.1 ms a packet, less than what aiortc spends on a raw frame (a thread hop,
+    Encoded here, as mono Opus: under 0.2 ms a packet, less than what aiortc spends on a raw frame (a thread hop,
     resampling to stereo, and a level meter in pure Python: 0.4 ms of it on the event loop). The peer must accept
     Opus, which `offer` makes the only audio codec.
     """
@@ -150,7 +151,8 @@ class PacedAudioTrack(MediaStreamTrack):
         self.opus.format, self.opus.layout, self.opus.sample_rate = "s16", "mono", rate
         self.opus.bit_rate = self.BITRATE
         self.opus.time_base = Fraction(1, rate)
-        self.opus.options = {"application": "voip"}
+        # complexity 5 of 10: 0.18 ms a packet of speech against 0.27, on the event loop; no audible loss for a voice
+        self.opus.options = {"application": "voip", "compression_level": "5"}
 
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
@@ -729,21 +731,20 @@ def build_parser() -> argparse.ArgumentParser:
 async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[str], None], *,
                      latency_ms: float | None = None, codec: str = "VP8", server_cpu: int | None = None
                      ) -> dict[str, Any]:
-    """`sessions` peers on loopback against a server process of their own: each streams the example speech over the
-    websocket in real time and receives the paced tracks. Measures what the server process spends per frame it
-    sends, what each peer receives, the delay from speech sent to its voice received, and (on the first peer, with
-    dlib on the decoded frames) the mouth's onset against the voice's and how soon an interrupt closes it."""
+    """`sessions` peers on loopback against a server process of their own, each session spoken to in real time over
+    the websocket by a speaker process of its own (so that the peers' decoding never delays the speech). Measures
+    what the server process spends per frame it sends, what each peer receives, the delays from speech sent to its
+    frame and its voice received, and (on the first peer, with dlib on the decoded frames) the mouth's onset against
+    the voice's and how soon an interrupt closes it."""
     import aiohttp
     from aiortc import RTCSessionDescription
-
-    from stages.audio import AudioReader
 
     port = _free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "stream.cli", "serve", "--port", str(port), "--preset", preset, "--codec", codec,
         "--max-sessions", str(sessions), *(["--latency-ms", str(latency_ms)] if latency_ms else []),
         stderr=asyncio.subprocess.DEVNULL, cwd=SERVER_FILE.parent)
-    if server_cpu is not None:  # what one core sustains: the server on it, the peers on the others
+    if server_cpu is not None:  # what one core sustains: the server on it, peers and speakers on the others
         try:
             os.sched_setaffinity(process.pid, {server_cpu})
             os.sched_setaffinity(0, os.sched_getaffinity(0) - {server_cpu} or {server_cpu})
@@ -752,15 +753,7 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
             raise TalkstreamError(f"cannot pin the server to CPU {server_cpu}: {error}") from None
     base = f"http://127.0.0.1:{port}"
     restrict_ice_to("127.0.0.1")
-    reader = AudioReader(EXAMPLES["astronaut"].parent / "speech.wav")
-    blocks = []
-    while (block := reader.read()) is not None:
-        blocks.append(block)
-    from scipy.signal import resample_poly
-
-    rate = 16000  # what a microphone client sends
-    speech = np.clip(resample_poly(np.concatenate(blocks).mean(axis=1), rate, reader.format.rate_hz), -32768, 32767)
-    speech = speech.astype(np.int16)
+    speech = _example_speech(BENCH_RATE_HZ)
     loop = asyncio.get_running_loop()
     try:
         async with aiohttp.ClientSession() as http:
@@ -785,13 +778,19 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
                     "sdp": pc.localDescription.sdp, "type": "offer"})).json()
                 await pc.setRemoteDescription(RTCSessionDescription(**answer))
                 peers.append((session_id, pc))
+            speakers = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "import sys, server; server.speak_main(sys.argv[1:])", base, str(seconds),
+                *(session_id for session_id, _ in peers), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, cwd=SERVER_FILE.parent)
+            assert speakers.stdin is not None and speakers.stdout is not None
+            await speakers.stdout.readline()           # imported and connected: ready to speak
             await asyncio.sleep(1.0)
             cpu_before, sent_before = _process_cpu_s(process.pid), await _frames_sent(http, base)
             peers_cpu_before = _process_cpu_s(os.getpid())
             started = loop.time()
-            recordings = await asyncio.gather(*(
-                _one_peer(http, base, session_id, pc, speech, rate, seconds, interrupt=index == 0)
-                for index, (session_id, pc) in enumerate(peers)))
+            speakers.stdin.write(b"go\n")
+            recordings = await asyncio.gather(*(_receive(pc, seconds) for _, pc in peers))
+            spoken = json.loads((await speakers.communicate())[0])
             elapsed = loop.time() - started
             cpu_after, sent_after = _process_cpu_s(process.pid), await _frames_sent(http, base)
             peers_cpu = _process_cpu_s(os.getpid()) - peers_cpu_before
@@ -802,7 +801,10 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
     finally:
         process.terminate()
         await process.wait()
-    results = [_analyse(recording, speech, rate, measure=index == 0) for index, recording in enumerate(recordings)]
+    for recording, (first_sent, interrupted) in zip(recordings, spoken, strict=True):
+        recording.first_sent, recording.interrupted = first_sent, interrupted
+    results = [_analyse(recording, speech, BENCH_RATE_HZ, measure=index == 0)
+               for index, recording in enumerate(recordings)]
     sent = {key: sent_after[key] - sent_before.get(key, 0) for key in sent_after}
     frames = sent["speech"] + sent["idle"] + sent["repeated"]
     report = {
@@ -810,7 +812,7 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
         "seconds": round(elapsed, 2),
         "server_cpu_ms_per_session_frame": round((cpu_after - cpu_before) * 1000 / max(1, frames), 2),
         "server_cpu_cores": round((cpu_after - cpu_before) / elapsed, 2),
-        "peers_cpu_cores": round(peers_cpu / elapsed, 2),   # the clients share this machine: near 1 they lag
+        "peers_cpu_cores": round(peers_cpu / elapsed, 2),   # the receivers share this machine
         "frames_sent": sent, "received_fps": [round(result["fps"], 1) for result in results],
         "speech_to_frame_sent_ms": [round(server_latency.get(session_id, 0.0) * 1000, 1)
                                     for session_id, _ in peers],
@@ -824,20 +826,73 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
     return report
 
 
+BENCH_RATE_HZ = 16000   # what a microphone client sends
+
+
+def _example_speech(rate: int) -> np.ndarray:
+    """The example speech, mono int16 at `rate`."""
+    from scipy.signal import resample_poly
+
+    from stages.audio import AudioReader
+
+    reader = AudioReader(EXAMPLES["astronaut"].parent / "speech.wav")
+    blocks = []
+    while (block := reader.read()) is not None:
+        blocks.append(block)
+    speech = resample_poly(np.concatenate(blocks).mean(axis=1), rate, reader.format.rate_hz)
+    return np.clip(speech, -32768, 32767).astype(np.int16)
+
+
+def speak_main(argv: list[str]) -> None:
+    """The benchmark's speakers (a process of their own): BASE SECONDS SESSION... Each session hears the example
+    speech in real time over its websocket, the first one interrupted 1 s before the end; prints [[first chunk
+    sent, interrupt sent or null], ...] in monotonic seconds (the clock every process here shares)."""
+    import aiohttp
+
+    base, seconds, session_ids = argv[0], float(argv[1]), argv[2:]
+    speech = _example_speech(BENCH_RATE_HZ)
+    talk = speech[: int(BENCH_RATE_HZ * max(1.0, seconds - 4.0))]
+    chunk = BENCH_RATE_HZ // 50
+
+    async def speak(http: aiohttp.ClientSession, socket: aiohttp.ClientWebSocketResponse, session_id: str,
+                    interrupt: bool) -> list[float | None]:
+        first_sent, interrupted = time.monotonic(), None
+        interrupt_at = first_sent + len(talk) / BENCH_RATE_HZ - 1.0 if interrupt else None
+        for index, offset in enumerate(range(0, len(talk), chunk)):
+            if interrupt_at is not None and time.monotonic() >= interrupt_at:
+                await http.post(f"{base}/api/sessions/{session_id}/interrupt")
+                interrupted = time.monotonic()
+                break
+            await socket.send_bytes(talk[offset:offset + chunk].tobytes())
+            await asyncio.sleep(max(0.0, first_sent + (index + 1) / 50 - time.monotonic()))
+        await socket.close()
+        return [first_sent, interrupted]
+
+    async def speak_all() -> list[list[float | None]]:
+        async with aiohttp.ClientSession() as http:
+            sockets = [await http.ws_connect(f"{base}/api/sessions/{session_id}/audio?rate={BENCH_RATE_HZ}")
+                       for session_id in session_ids]
+            print("ready", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            return await asyncio.gather(*(speak(http, socket, session_id, index == 0)
+                                          for index, (socket, session_id) in enumerate(zip(sockets, session_ids))))
+
+    print(json.dumps(asyncio.run(speak_all())))
+
+
 @dataclass(slots=True)
 class _Recording:
-    first_sent: float                          # when the first speech chunk went out
-    interrupted: float | None                  # when the interrupt went out
     video: list[tuple[float, av.VideoFrame]]   # (arrival, frame)
     audio: list[tuple[float, av.AudioFrame]]
+    first_sent: float = 0.0                    # when the first speech chunk went out
+    interrupted: float | None = None           # when the interrupt went out
 
 
-async def _one_peer(http: Any, base: str, session_id: str, pc: RTCPeerConnection, speech: np.ndarray, rate: int,
-                    seconds: float, *, interrupt: bool) -> _Recording:
-    """Speak over the websocket in real time (interrupting 1 s before the end if asked) while receiving both tracks."""
+async def _receive(pc: RTCPeerConnection, seconds: float) -> _Recording:
+    """Both tracks of one peer for `seconds`, each frame with its arrival time (monotonic)."""
     loop = asyncio.get_running_loop()
     tracks = {receiver.track.kind: receiver.track for receiver in pc.getReceivers()}
-    recording = _Recording(0.0, None, [], [])
+    recording = _Recording([], [])
     until = loop.time() + seconds
 
     async def receive(track: MediaStreamTrack, into: list[Any]) -> None:
@@ -846,21 +901,7 @@ async def _one_peer(http: Any, base: str, session_id: str, pc: RTCPeerConnection
                 frame = await asyncio.wait_for(track.recv(), 5)
                 into.append((loop.time(), frame))
 
-    async def speak() -> None:
-        socket = await http.ws_connect(f"{base}/api/sessions/{session_id}/audio?rate={rate}")
-        talk = speech[: int(rate * max(1.0, seconds - 4.0))]
-        recording.first_sent = loop.time()
-        interrupt_at = recording.first_sent + len(talk) / rate - 1.0 if interrupt else None
-        for index, offset in enumerate(range(0, len(talk), rate // 50)):
-            if interrupt_at is not None and loop.time() >= interrupt_at:
-                await http.post(f"{base}/api/sessions/{session_id}/interrupt")
-                recording.interrupted = loop.time()
-                break
-            await socket.send_bytes(talk[offset:offset + rate // 50].tobytes())
-            await asyncio.sleep(max(0.0, recording.first_sent + (index + 1) / 50 - loop.time()))
-        await socket.close()
-
-    await asyncio.gather(speak(), receive(tracks["video"], recording.video), receive(tracks["audio"], recording.audio))
+    await asyncio.gather(receive(tracks["video"], recording.video), receive(tracks["audio"], recording.audio))
     return recording
 
 
