@@ -21,7 +21,7 @@ import numpy as np
 from stream.clock import FrameClock, resampled_length
 from stream.errors import InputError
 from stream.frames import AudioChunk
-from stream.pipeline import DRAIN_MAX, Inbox, Outbox, Stage
+from stream.pipeline import Stage
 
 FEATURE_RATE_HZ = 16000
 # Sample rates AAC carries; speech at another rate goes out at 48 kHz.
@@ -262,14 +262,7 @@ class FeatureChunker(Stage):
     def on_flush(self) -> None:
         self._reset()
 
-    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        async for blocks in inbox.batches(DRAIN_MAX, 0):
-            for chunk in await self.offload(self._push_all, blocks):
-                await outbox.put(chunk)
-        for chunk in await self.offload(self.finish):
-            await outbox.put(chunk)
-
-    def _push_all(self, blocks: list[np.ndarray]) -> list[AudioChunk]:
+    def process(self, blocks: list[np.ndarray]) -> list[AudioChunk]:
         return [chunk for block in blocks for chunk in self.push(block)]
 
     def push(self, block: np.ndarray) -> list[AudioChunk]:

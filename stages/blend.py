@@ -15,7 +15,7 @@ import numpy as np
 
 from stages.enhance import Enhancer, Roi
 from stream.frames import FaceCrop, VideoFrame
-from stream.pipeline import DRAIN_MAX, Inbox, Outbox, Stage
+from stream.pipeline import Stage
 
 BLEND_MODES = ("alpha", "feather", "pyramid", "seamless")
 
@@ -226,10 +226,8 @@ class ComposeStage(Stage):
         self.blender = blender
         self.enhancer = enhancer
 
-    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        async for batch in inbox.batches(DRAIN_MAX, 0):
-            for frame in await self.offload(self.compose_batch, batch):
-                await outbox.put(frame)
+    def process(self, batch: list[FaceCrop]) -> list[VideoFrame]:
+        return self.compose_batch(batch)
 
     def compose(self, crop: np.ndarray) -> np.ndarray:
         x0, y0, x1, y1 = self.blender.roi

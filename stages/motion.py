@@ -22,7 +22,7 @@ import numpy as np
 
 from stream.clock import FrameClock
 from stream.frames import AudioChunk, Motion
-from stream.pipeline import DRAIN_MAX, Inbox, Outbox, Stage
+from stream.pipeline import Stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,20 +552,13 @@ class MotionStage(Stage):
         self.model.interrupt()
         self.speech.clear()
 
-    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        # Everything already queued goes in one call: live chunks come one at a time, a file's in a flood.
-        async for chunks in inbox.batches(DRAIN_MAX, 0):
-            for motion in await self.offload(self._push, chunks):
-                await outbox.put(motion)
-        for motion in await self.offload(self._finish):
-            await outbox.put(motion)
-
-    def _push(self, chunks: list[AudioChunk]) -> list[Motion]:
+    def process(self, chunks: list[AudioChunk]) -> list[Motion]:
+        """Everything already queued goes in one call: live chunks come one at a time, a file's in a flood."""
         for chunk in chunks:
             self.speech.add(chunk.speech)
         pcm = chunks[0].pcm if len(chunks) == 1 else np.concatenate([chunk.pcm for chunk in chunks])
         return [Motion(e.index, e, self.speech.take(e.index, last=False)) for e in self.model.push(pcm)]
 
-    def _finish(self) -> list[Motion]:
+    def finish(self) -> list[Motion]:
         expressions = self.model.finish()
         return [Motion(e.index, e, self.speech.take(e.index, last=e is expressions[-1])) for e in expressions]

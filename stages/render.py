@@ -28,7 +28,7 @@ from scipy.spatial import Delaunay
 
 from stages.motion import Expression
 from stream.frames import FaceCrop, Motion
-from stream.pipeline import Inbox, Outbox, Stage
+from stream.pipeline import Stage
 
 UPPER_INNER = (61, 62, 63)
 LOWER_INNER = (67, 66, 65)  # paired with UPPER_INNER, as the aperture measure pairs them
@@ -955,12 +955,7 @@ class RenderStage(Stage):
         self.max_wait_ms = max_wait_ms
         self.landmarks = landmarks
 
-    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
-        async for batch in inbox.batches(self.max_batch, self.max_wait_ms):
-            for crop in await self.offload(self._render, batch):
-                await outbox.put(crop)
-
-    def _render(self, batch: list[Motion]) -> list[FaceCrop]:
+    def process(self, batch: list[Motion]) -> list[FaceCrop]:
         crops = self.renderer.render_batch([motion.pose for motion in batch])
         points = self.landmarks
         return [FaceCrop(motion.index, crop, motion.speech, None if points is None else points(motion.pose))

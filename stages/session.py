@@ -46,7 +46,7 @@ from stream.clock import FrameClock
 from stream.errors import InputError, PresetError
 from stream.frames import FaceCrop, StreamInfo, VideoFrame
 from stream.pacing import Clock, LivePacer, Timing
-from stream.pipeline import DRAIN_MAX, Pipeline, Stage, run_together
+from stream.pipeline import DRAIN_MAX, Chain, Pipeline, Stage, run_together
 from stream.presets import Preset, PresetBook, build_section, check_choice, check_fixed
 from stream.profile import Profiler, StageTimes
 
@@ -391,7 +391,10 @@ class _Closing:
 class Session(_Closing):
     """One stream of speech in, frames out, on an avatar. Push from one task, iterate frames from another."""
 
-    def __init__(self, avatar: Avatar, speech: SpeechFormat, *, profiler: Profiler | None = None) -> None:
+    def __init__(self, avatar: Avatar, speech: SpeechFormat, *, profiler: Profiler | None = None,
+                 chained: bool = False) -> None:
+        """`chained`: the stages run one after another on one thread (see `Chain`): for live sessions, many side
+        by side, where a hand-off between threads costs more than it overlaps."""
         self.avatar = avatar
         self.speech = speech
         preset = avatar.preset
@@ -405,6 +408,8 @@ class Session(_Closing):
             avatar.render_stage(),
             avatar.compose_stage(),
         ]
+        if chained:
+            stages = [Chain(stages)]
         self._pipeline = Pipeline(stages, queue_depth=preset.stream.queue_depth, profiler=self.profiler)
         self._started = False
 
@@ -470,7 +475,7 @@ class LiveSession(_Closing):
                              "this avatar's frames need ahead of them")
         self.timing = Timing(avatar.preset.video.frame_rate, self.VOICE_RATE_HZ)
         self.pacer = LivePacer(self.timing, clock, latency_ms=latency_ms)
-        self.session = Session(avatar, output_format(self.VOICE_RATE_HZ, 1))
+        self.session = Session(avatar, output_format(self.VOICE_RATE_HZ, 1), chained=True)
         self._to_voice: dict[int, Any] = {}   # input rate -> its streaming resampler to the voice rate
         self._idle = avatar.idle_painter(seed)
         self._painter = ThreadPoolExecutor(1, thread_name_prefix="talkstream-idle")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from stream.pipeline import Inbox, Outbox, Pipeline, Stage, run_together
+from stream.pipeline import Chain, Inbox, Outbox, Pipeline, Stage, run_together
 
 
 class Double(Stage):
@@ -231,3 +231,60 @@ async def test_the_first_item_after_silence_never_waits_for_a_batch():
     assert await asyncio.wait_for(results.__anext__(), 0.3) == ["hello"]
     await pipeline.end()
     assert [batch async for batch in results] == []
+
+
+class Sums(Stage):
+    """Running sums in groups of `size`, the rest at the end: state across calls, a batch limit, a tail."""
+
+    name = "sums"
+
+    def __init__(self, size: int, max_batch: int = 16) -> None:
+        super().__init__()
+        self.size, self.max_batch = size, max_batch
+        self.pending: list[int] = []
+        self.batches: list[int] = []
+        self.flushes = 0
+
+    def process(self, batch: list[int]) -> list[int]:
+        assert len(batch) <= self.max_batch
+        self.batches.append(len(batch))
+        self.pending += batch
+        out = []
+        while len(self.pending) >= self.size:
+            out.append(sum(self.pending[:self.size]))
+            del self.pending[:self.size]
+        return out
+
+    def finish(self) -> list[int]:
+        return [sum(self.pending)] if self.pending else []
+
+    def on_flush(self) -> None:
+        self.pending.clear()
+        self.flushes += 1
+
+
+async def test_a_chain_on_one_thread_gives_what_the_stages_give_on_their_own():
+    separate = Pipeline([Sums(2), Sums(3, max_batch=2)], queue_depth=2)
+    chained_stages = [Sums(2), Sums(3, max_batch=2)]
+    chained = Pipeline([Chain(chained_stages)], queue_depth=2)
+    outputs = []
+    for pipeline in (separate, chained):
+        await pipeline.start()
+        results, _ = await asyncio.gather(collect(pipeline), feed(pipeline, range(1, 24)))
+        outputs.append(results)
+    assert outputs[0] == outputs[1] and sum(outputs[1]) == sum(range(1, 24)) and len(outputs[1]) == 4
+    assert max(chained_stages[1].batches) <= 2                       # each stage's own batch limit holds
+    assert [times.name for times in chained.profiler.stages] == ["sums", "sums"]
+    assert [times.items for times in chained.profiler.stages] == [12, 4]
+
+
+async def test_a_chain_flushes_every_stage_on_its_thread():
+    stages = [Sums(2), Sums(2)]
+    pipeline = Pipeline([Chain(stages)])
+    await pipeline.start()
+    await pipeline.put(1)
+    await asyncio.sleep(0.05)
+    pipeline.flush()
+    await feed(pipeline, [5, 6])
+    assert await collect(pipeline) == [11]
+    assert [stage.flushes for stage in stages] == [1, 1]
