@@ -264,6 +264,8 @@ class LiveAvatarSession:
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_activity = time.monotonic()
         self.last_packets = -1
+        self.packets_lost = 0           # what the peer reports (RTCP receiver reports)
+        self.round_trip_s = 0.0
         self.closed = False
 
     def touch(self) -> None:
@@ -288,12 +290,16 @@ class LiveAvatarSession:
             await self.pc.close()
         await self.live.aclose()
 
-    async def packets_received(self) -> int:
-        """RTP and RTCP packets the peer sent so far (its receiver reports keep coming while it watches)."""
+    async def read_stats(self) -> int:
+        """RTP and RTCP packets the peer sent so far (its receiver reports keep coming while it watches); notes
+        what its reports say of our streams: packets lost, round-trip time."""
         if self.pc is None:
             return 0
-        report = await self.pc.getStats()
-        return sum(getattr(stats, "packetsReceived", 0) or 0 for stats in report.values() if stats.type == "transport")
+        report = (await self.pc.getStats()).values()
+        remote = [stats for stats in report if stats.type == "remote-inbound-rtp"]
+        self.packets_lost = sum(stats.packetsLost or 0 for stats in remote)
+        self.round_trip_s = max((stats.roundTripTime or 0.0 for stats in remote), default=0.0)
+        return sum(getattr(stats, "packetsReceived", 0) or 0 for stats in report if stats.type == "transport")
 
 
 class Server:
@@ -367,7 +373,7 @@ class Server:
         if pc is not None and pc.connectionState in ("failed", "closed"):
             await self.close(session.id)
         elif pc is not None and pc.connectionState == "connected":
-            packets = await session.packets_received()
+            packets = await session.read_stats()
             if packets != session.last_packets:
                 session.last_packets = packets
                 session.touch()
@@ -513,6 +519,8 @@ async def metrics(request: web.Request) -> web.Response:
         "latency_target_seconds": lambda s: s.live.pacer.latency_ns / 1e9,
         "speech_to_frame_seconds": lambda s: s.live.pacer.stats.speech_latency_ns / 1e9,
         "least_frame_slack_seconds": lambda s: (s.live.pacer.stats.least_slack_ns or 0) / 1e9,
+        "packets_lost": lambda s: s.packets_lost,
+        "round_trip_seconds": lambda s: s.round_trip_s,
     }
     for metric, read in per_session.items():
         lines.append(f"# TYPE talkstream_{metric} gauge")
@@ -796,12 +804,13 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
             peers_cpu = _process_cpu_s(os.getpid()) - peers_cpu_before
             server_latency = await _per_session(http, base, "speech_to_frame_seconds")
             slack = await _per_session(http, base, "least_frame_slack_seconds")
+            lost = await _per_session(http, base, "packets_lost")
             for _, pc in peers:
                 await pc.close()
     finally:
         process.terminate()
         await process.wait()
-    for recording, (first_sent, interrupted) in zip(recordings, spoken, strict=True):
+    for recording, (first_sent, interrupted, _) in zip(recordings, spoken, strict=True):
         recording.first_sent, recording.interrupted = first_sent, interrupted
     results = [_analyse(recording, speech, BENCH_RATE_HZ, measure=index == 0)
                for index, recording in enumerate(recordings)]
@@ -813,10 +822,12 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
         "server_cpu_ms_per_session_frame": round((cpu_after - cpu_before) * 1000 / max(1, frames), 2),
         "server_cpu_cores": round((cpu_after - cpu_before) / elapsed, 2),
         "peers_cpu_cores": round(peers_cpu / elapsed, 2),   # the receivers share this machine
+        "speakers_latest_chunk_ms": round(max(late for _, _, late in spoken) * 1000, 1),  # the speech's own lag
         "frames_sent": sent, "received_fps": [round(result["fps"], 1) for result in results],
         "speech_to_frame_sent_ms": [round(server_latency.get(session_id, 0.0) * 1000, 1)
                                     for session_id, _ in peers],
         "least_frame_slack_ms": [round(slack.get(session_id, 0.0) * 1000, 1) for session_id, _ in peers],
+        "packets_lost": [int(lost.get(session_id, 0)) for session_id, _ in peers],
         "speech_to_frame_received_ms": [result["frame_latency_ms"] for result in results],
         "voice_latency_ms": [result["voice_latency_ms"] for result in results],
         "mouth_onset_after_voice_ms": results[0]["mouth_onset_after_voice_ms"],
@@ -846,7 +857,8 @@ def _example_speech(rate: int) -> np.ndarray:
 def speak_main(argv: list[str]) -> None:
     """The benchmark's speakers (a process of their own): BASE SECONDS SESSION... Each session hears the example
     speech in real time over its websocket, the first one interrupted 1 s before the end; prints [[first chunk
-    sent, interrupt sent or null], ...] in monotonic seconds (the clock every process here shares)."""
+    sent, interrupt sent or null, the latest a chunk went out], ...] in monotonic seconds (the clock every process
+    here shares)."""
     import aiohttp
 
     base, seconds, session_ids = argv[0], float(argv[1]), argv[2:]
@@ -856,17 +868,18 @@ def speak_main(argv: list[str]) -> None:
 
     async def speak(http: aiohttp.ClientSession, socket: aiohttp.ClientWebSocketResponse, session_id: str,
                     interrupt: bool) -> list[float | None]:
-        first_sent, interrupted = time.monotonic(), None
+        first_sent, interrupted, late = time.monotonic(), None, 0.0
         interrupt_at = first_sent + len(talk) / BENCH_RATE_HZ - 1.0 if interrupt else None
         for index, offset in enumerate(range(0, len(talk), chunk)):
             if interrupt_at is not None and time.monotonic() >= interrupt_at:
                 await http.post(f"{base}/api/sessions/{session_id}/interrupt")
                 interrupted = time.monotonic()
                 break
+            late = max(late, time.monotonic() - first_sent - index / 50)
             await socket.send_bytes(talk[offset:offset + chunk].tobytes())
             await asyncio.sleep(max(0.0, first_sent + (index + 1) / 50 - time.monotonic()))
         await socket.close()
-        return [first_sent, interrupted]
+        return [first_sent, interrupted, late]
 
     async def speak_all() -> list[list[float | None]]:
         async with aiohttp.ClientSession() as http:

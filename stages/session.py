@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -459,7 +460,7 @@ class LiveSession(_Closing):
 
     VOICE_RATE_HZ = 48000
     AHEAD_FRAMES = 25     # rendered frames held ahead of the video cursor (1 s at 25 fps): bounded memory
-    TAIL_FRAMES = 2       # silence after an utterance, so that its last frames clear the motion look-ahead
+    TAIL_FRAMES = 2       # silence that ends an utterance: the mouth closes while the voice is quiet
     # An open utterance whose voice runs out sooner than this is ended (padded): its last frames wait for the
     # padding's look-ahead and must still make their slots, which takes a render margin. A real-time stream keeps
     # `latency_ms` of voice ahead (less one chunk), so only a pause or a hiccup longer than that less this ends it.
@@ -474,6 +475,8 @@ class LiveSession(_Closing):
             raise InputError(f"a latency of {latency_ms:g} ms is under the {avatar.speech_lead_ms:g} ms of speech "
                              "this avatar's frames need ahead of them")
         self.timing = Timing(avatar.preset.video.frame_rate, self.VOICE_RATE_HZ)
+        frame_ms = 1000 / float(self.timing.fps)
+        self._lookahead_frames = math.ceil(avatar.speech_lead_ms / frame_ms - 1 - 1e-9)  # past a frame's own end
         self.pacer = LivePacer(self.timing, clock, latency_ms=latency_ms)
         self.session = Session(avatar, output_format(self.VOICE_RATE_HZ, 1), chained=True)
         self._to_voice: dict[int, Any] = {}   # input rate -> its streaming resampler to the voice rate
@@ -533,12 +536,15 @@ class LiveSession(_Closing):
         self._to_render.put_nowait(voice)
 
     def end_utterance(self) -> None:
-        """The speech paused or its source ended: pad it with silence to whole frames (and a short tail)."""
+        """The speech paused or its source ended: pad it with silence to whole frames (and a short tail), and give
+        the renderer the silence its look-ahead needs to let the last frame out (the frames that silence makes are
+        discarded)."""
         if not self._open_samples:
             return
         frame = self.timing.frame_samples
         self._say(np.zeros(-self._open_samples % frame + self.TAIL_FRAMES * frame, np.int16))
-        self.pacer.end_utterance()
+        self._to_render.put_nowait(np.zeros(self._lookahead_frames * frame, np.int16))
+        self.pacer.end_utterance(self._lookahead_frames)
         self._open_samples = 0
 
     def interrupt(self) -> None:

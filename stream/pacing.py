@@ -77,6 +77,7 @@ class _Utterance:
     voice: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
     played: int = 0                   # voice samples before `voice[0]` that were already sent and let go
     ended: bool = False
+    extra: int = 0                    # frames the renderer makes past its end (look-ahead silence): discarded
     frames: dict[int, Any] = field(default_factory=dict)   # slot -> frame, as they come
     delivered: int = 0
 
@@ -123,7 +124,9 @@ class LivePacer:
         self._utterances: deque[_Utterance] = deque()
         self._next_slot = 0           # the first video slot not sent yet
         self._next_sample = 0         # the first voice sample not sent yet
-        self._owed = 0                # frames still to come for utterances already let go: dropped on arrival
+        # Frames still to come for utterances already let go, in order: [count, late] runs. Late frames are dropped
+        # (and counted); the look-ahead's extra frames are discarded.
+        self._owed: deque[list[Any]] = deque()
         self._last_frame: Any = None
 
     # ------------------------------------------------------------------------------------------------ the clock
@@ -164,13 +167,15 @@ class LivePacer:
         if len(voice):
             current.voice = np.concatenate([current.voice, np.asarray(voice, np.int16).reshape(-1)])
 
-    def end_utterance(self) -> None:
-        """The open utterance gets no more speech (its voice must be whole frames long)."""
+    def end_utterance(self, extra_frames: int = 0) -> None:
+        """The open utterance gets no more speech (its voice must be whole frames long). `extra_frames`: frames the
+        renderer will deliver after its last one (made from the silence its look-ahead needed), to be discarded."""
         if self._utterances and not self._utterances[-1].ended:
             current = self._utterances[-1]
             if current.samples % self.timing.frame_samples:
                 raise ValueError("an utterance must end on a frame boundary: pad its speech to whole frames")
             current.ended = True
+            current.extra = extra_frames
 
     @property
     def open_voice_ends_ns(self) -> int | None:
@@ -194,14 +199,20 @@ class LivePacer:
     def deliver(self, frame: Any) -> None:
         """The next rendered frame of the speech, in order. One whose slot has been sent is dropped."""
         if self._owed:
-            self._owed -= 1
-            self.stats.dropped_frames += 1
+            run = self._owed[0]
+            run[0] -= 1
+            if run[1]:
+                self.stats.dropped_frames += 1
+            if not run[0]:
+                self._owed.popleft()
             return
-        utterance = next((u for u in self._utterances if u.delivered < self._frames(u)), None)
+        utterance = next((u for u in self._utterances if u.delivered < self._frames(u) + u.extra), None)
         if utterance is None:
             return  # a frame of no known speech: the caller interrupted, or did not announce its speech
         slot = utterance.first_slot + utterance.delivered
         utterance.delivered += 1
+        if utterance.delivered > self._frames(utterance):
+            return  # one of its look-ahead's extra frames
         if self.origin_ns is not None:
             slack = self.deadline_ns(self.timing.slot_ns(slot)) - self.clock.now_ns()
             least = self.stats.least_slack_ns
@@ -215,7 +226,7 @@ class LivePacer:
         """Barge-in: every utterance ends now; what was said and rendered for them is forgotten. The caller flushes
         the renderer too (its frames in flight are never delivered)."""
         self._utterances.clear()
-        self._owed = 0
+        self._owed.clear()
 
     @property
     def buffered_frames(self) -> int:
@@ -286,5 +297,7 @@ class LivePacer:
             frames = self._frames(first)
             if not first.ended or first.first_slot + frames > self._next_slot or first.end_sample > self._next_sample:
                 return
-            self._owed += frames - first.delivered
+            late = max(0, frames - first.delivered)
+            extra = first.extra - max(0, first.delivered - frames)
+            self._owed.extend([count, dropped] for count, dropped in ((late, True), (extra, False)) if count)
             self._utterances.popleft()
