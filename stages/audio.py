@@ -336,9 +336,9 @@ MEL_HOP = 200  # 12.5 ms: 80 mel columns a second
 MEL_BANDS = 80
 MEL_FMIN_HZ, MEL_FMAX_HZ = 55.0, 7600.0
 MEL_WINDOW_STEPS = 16  # mel columns seen by one video frame
-# Frame f's window ends at column 3.2 (f - 2) + 15, whose 50 ms FFT is centred 12.5 ms a column: 132.5 ms of speech
-# past the frame's start.
-MEL_LEAD_MS = 132.5
+# Frame f's window ends at column 3.2 (f - 2) + 15, centred 120 ms or less past the frame's start; a column is final
+# once whole 40 ms frames reach half a window (25 ms) past its centre (`MelStream`): 160 ms past the frame's start.
+MEL_LEAD_MS = 160.0
 _PREEMPHASIS = 0.97
 _CENTRE = MEL_FFT // 2  # centred STFT: zeros on both sides
 _MIN_LEVEL_DB, _REF_LEVEL_DB, _MAX_ABS = -100.0, 20.0, 4.0

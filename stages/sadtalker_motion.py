@@ -10,7 +10,7 @@ Two paths compute the same function (spec §1.3–1.10):
   `pose_lag_frames` (the smoother's delay: 12 reproduces the whole-sequence filter exactly; less fits the quadratic
   on the frames that have arrived) and `mapping_future_frames` (MappingNet's ±13-frame window with its future half
   edge-replicated past that many frames). With 31 / 12 / 13 it equals the offline path frame for frame.
-A frame's latency is mapping_future + pose_lag + pose_lookahead frames plus the mel window's 132 ms.
+A frame's latency is mapping_future + pose_lag + pose_lookahead frames plus the mel window's 160 ms (`MEL_LEAD_MS`).
 """
 
 from __future__ import annotations

@@ -128,6 +128,20 @@ def load_preset(
     return preset, settings
 
 
+def speech_lead_ms(preset: Preset, settings: BackendSettings) -> float:
+    """How far past a frame's start the speech must have arrived before the frame can be made: the frame itself and
+    the motion's look-ahead (SadTalker: MappingNet's future frames, the pose's look-ahead and smoother lag, and the
+    mel window)."""
+    frame_ms = 1000 / float(preset.video.frame_rate)
+    if isinstance(settings, SadTalkerSettings):
+        if settings.motion == "offline":
+            raise InputError("SadTalker's offline motion waits for the end of each utterance: a live session needs a "
+                             "streaming preset (ultra_fast, fast or balanced)")
+        future = settings.mapping_future_frames + settings.pose_lookahead_frames + settings.pose_lag_frames
+        return future * frame_ms + MEL_LEAD_MS
+    return frame_ms + preset.motion.lookahead_ms
+
+
 def _notice_to_stderr(message: str) -> None:
     print(f"talkstream: {message}", file=sys.stderr)
 
@@ -208,18 +222,8 @@ class Avatar:
 
     @property
     def speech_lead_ms(self) -> float:
-        """How far past a frame's start the speech must have arrived before the frame can be made: the frame itself
-        and the motion's look-ahead (SadTalker: MappingNet's future frames, the pose's look-ahead and smoother lag,
-        and the mel window). What a live session's latency covers, before render time."""
-        frame_ms = 1000 / float(self.preset.video.frame_rate)
-        settings = self.settings
-        if isinstance(settings, SadTalkerSettings):
-            if settings.motion == "offline":
-                raise InputError("SadTalker's offline motion waits for the end of each utterance: a live session "
-                                 "needs a streaming preset (ultra_fast, fast or balanced)")
-            future = settings.mapping_future_frames + settings.pose_lookahead_frames + settings.pose_lag_frames
-            return future * frame_ms + MEL_LEAD_MS
-        return frame_ms + self.preset.motion.lookahead_ms
+        """See `speech_lead_ms`: what a live session's latency covers, before render time."""
+        return speech_lead_ms(self.preset, self.settings)
 
     @property
     def live_latency_ms(self) -> float:

@@ -27,6 +27,8 @@ from stages.sadtalker_motion import (  # noqa: E402
     pose_latents,
     smooth_pose,
 )
+from stages.session import load_preset, speech_lead_ms  # noqa: E402
+from stream.errors import InputError  # noqa: E402
 from tests.conftest import SPEECH  # noqa: E402
 
 FULL = MotionSettings()                         # upstream's look-ahead everywhere
@@ -111,6 +113,22 @@ def test_short_lookahead_streams_early_and_never_depends_on_chunking(loaded, sou
     # Frame k's look-ahead: 2 + 0 + 2 frames of motion, plus the mel window (132 ms) and whole 40 ms frames.
     pushed_frames = np.arange(1, len(emitted) + 1) * chunk / 640
     assert all(count >= int(pushed) - 4 - 5 for count, pushed in zip(emitted, pushed_frames, strict=True))
+
+
+@pytest.mark.parametrize("preset", ["ultra_fast", "fast", "balanced"])
+def test_a_live_session_waits_for_exactly_the_speech_its_motion_needs(loaded, source, preset) -> None:
+    resolved, backend = load_preset(preset, backend="sadtalker")
+    knobs = replace(FULL, mapping_future_frames=backend.mapping_future_frames,
+                    pose_lookahead_frames=backend.pose_lookahead_frames, pose_lag_frames=backend.pose_lag_frames)
+    model = SadTalkerMotion(_networks(loaded, source, knobs))
+    speech, step = _speech_16k(2.0), 40          # pushed 2.5 ms at a time
+    needed = []                                  # speech past each frame's start when it came out (ms)
+    for start in range(0, len(speech), step):
+        needed += [(start + step) / 16 - frame.index * 40 for frame in model.push(speech[start:start + step])]
+    assert len(needed) > 20
+    assert speech_lead_ms(resolved, backend) - 2.5 < max(needed) <= speech_lead_ms(resolved, backend) + 2.5
+    with pytest.raises(InputError, match="offline"):
+        speech_lead_ms(*load_preset("quality", backend="sadtalker"))
 
 
 def test_mapping_future_cut_edge_replicates_only_the_window(loaded, source, speech, offline) -> None:
