@@ -52,6 +52,7 @@ from aiortc.mediastreams import MediaStreamError
 from av.frame import Frame
 
 from stages.session import LIVE_RATES_HZ, Avatar, LiveSession
+from stream.cli import positive
 from stream.errors import TalkstreamError
 
 LOG = logging.getLogger("talkstream.server")
@@ -702,16 +703,6 @@ def make_app(settings: ServerSettings) -> web.Application:
 JANITOR = web.AppKey("janitor", asyncio.Task)
 
 
-def _positive_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds between 0 and 10000")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="talkstream serve", description="The live avatar server: open "
                                      "http://HOST:PORT/ in a browser, or drive it through its JSON API.")
@@ -723,8 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="fast", help="default preset of new sessions (default: %(default)s)")
     parser.add_argument("--backend", default="embedded", help="embedded or sadtalker (default: %(default)s)")
     parser.add_argument("--checkpoints", help="model files (SadTalker, GFPGAN) for the sadtalker backend")
-    parser.add_argument("--latency-ms", type=_positive_ms, help="from speech in to its frame out (default: what the "
-                        "preset and backend need: 100 ms for the embedded backend at ultra_fast)")
+    parser.add_argument("--latency-ms", type=positive(float), help="from speech in to its frame out (default: "
+                        "what the preset and backend need: 100 ms for the embedded backend at ultra_fast)")
     parser.add_argument("--codec", choices=("VP8", "H264"), default="VP8", help="preferred video codec")
     parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
                         help="a STUN/TURN server (repeatable; none by default)")
@@ -793,18 +784,19 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
             assert speakers.stdin is not None and speakers.stdout is not None
             await speakers.stdout.readline()           # imported and connected: ready to speak
             await asyncio.sleep(1.0)
-            cpu_before, sent_before = _process_cpu_s(process.pid), await _frames_sent(http, base)
+            cpu_before, sent_before = _process_cpu_s(process.pid), _frames_sent(await _metrics(http, base))
             peers_cpu_before = _process_cpu_s(os.getpid())
             started = loop.time()
             speakers.stdin.write(b"go\n")
             recordings = await asyncio.gather(*(_receive(pc, seconds) for _, pc in peers))
             spoken = json.loads((await speakers.communicate())[0])
             elapsed = loop.time() - started
-            cpu_after, sent_after = _process_cpu_s(process.pid), await _frames_sent(http, base)
+            cpu_after, metrics_after = _process_cpu_s(process.pid), await _metrics(http, base)
             peers_cpu = _process_cpu_s(os.getpid()) - peers_cpu_before
-            server_latency = await _per_session(http, base, "speech_to_frame_seconds")
-            slack = await _per_session(http, base, "least_frame_slack_seconds")
-            lost = await _per_session(http, base, "packets_lost")
+            sent_after = _frames_sent(metrics_after)
+            server_latency = _per_session(metrics_after, "speech_to_frame_seconds")
+            slack = _per_session(metrics_after, "least_frame_slack_seconds")
+            lost = _per_session(metrics_after, "packets_lost")
             for _, pc in peers:
                 await pc.close()
     finally:
@@ -955,7 +947,6 @@ def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: b
 
 def _apertures(images: list[np.ndarray]) -> np.ndarray:
     """Inner-lip opening per frame in inter-ocular distances (dlib's 68 points; NaN without a face)."""
-
     from stages.portrait import DlibDetector
 
     detector = DlibDetector()
@@ -972,18 +963,20 @@ def _apertures(images: list[np.ndarray]) -> np.ndarray:
     return np.array(values)
 
 
-async def _frames_sent(http: Any, base: str) -> dict[str, float]:
-    totals = {}
-    for kind in ("speech", "idle", "repeated", "dropped"):
-        totals[kind] = sum((await _per_session(http, base, f"frames_{kind}")).values())
-    return totals
+async def _metrics(http: Any, base: str) -> str:
+    return await (await http.get(f"{base}/metrics")).text()
 
 
-async def _per_session(http: Any, base: str, metric: str) -> dict[str, float]:
-    """{session id: value} of one of the server's per-session metrics."""
-    text = await (await http.get(f"{base}/metrics")).text()
+def _frames_sent(metrics: str) -> dict[str, float]:
+    """Frames of each kind the server sent, all sessions together."""
+    return {kind: sum(_per_session(metrics, f"frames_{kind}").values())
+            for kind in ("speech", "idle", "repeated", "dropped")}
+
+
+def _per_session(metrics: str, metric: str) -> dict[str, float]:
+    """{session id: value} of one of the server's per-session metrics, from its /metrics text."""
     return {session: float(value)
-            for session, value in re.findall(rf'talkstream_{metric}{{session="([^"]*)"}} (\S+)', text)}
+            for session, value in re.findall(rf'talkstream_{metric}{{session="([^"]*)"}} (\S+)', metrics)}
 
 
 def _process_cpu_s(pid: int) -> float:

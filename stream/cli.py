@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--format", choices=("mp4", "nut", "y4m", "rawvideo"),
                         help="output format (default: from the file name; nut for standard output)")
     _add_preset_options(render)
-    render.add_argument("--rate", type=_positive(int), metavar="HZ", help="standard input is raw s16le PCM at this "
+    render.add_argument("--rate", type=positive(int), metavar="HZ", help="standard input is raw s16le PCM at this "
                         "rate")
-    render.add_argument("--channels", type=_positive(int), default=1, help="channels of raw input (default: "
+    render.add_argument("--channels", type=positive(int), default=1, help="channels of raw input (default: "
                         "%(default)s)")
     render.add_argument("--profile", action="store_true", help="print where the time went, per stage")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure fps, real-time factor, first-frame latency, per-stage ms")
     bench.add_argument("--presets", default="ultra_fast,fast,balanced,quality",
                        help="comma-separated presets (default: %(default)s)")
-    bench.add_argument("--seconds", type=_positive(float), default=60.0, help="length of the long speech (default: "
+    bench.add_argument("--seconds", type=positive(float), default=60.0, help="length of the long speech (default: "
                        "%(default)s)")
-    bench.add_argument("--runs", type=_positive(int), default=3, help="warm runs per preset; the median is kept")
+    bench.add_argument("--runs", type=positive(int), default=3, help="warm runs per preset; the median is kept")
     bench.add_argument("--backend", default="embedded", help="embedded or sadtalker (default: %(default)s)")
     bench.add_argument("--checkpoints", type=Path, metavar="DIR", help="SadTalker's checkpoint folder (sadtalker)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--enhancers", default="", metavar="NAMES", help="also time these enhancers alone on the "
                        "example face (e.g. light,gfpgan; the neural ones need --checkpoints DIR); --presets '' "
                        "times only them")
-    bench.add_argument("--live", type=_positive(int), metavar="SESSIONS", help="instead: that many WebRTC peers "
+    bench.add_argument("--live", type=positive(int), metavar="SESSIONS", help="instead: that many WebRTC peers "
                        "on loopback against a server process, speaking for --seconds (e.g. --live 4 --seconds 15 "
                        "--presets ultra_fast)")
     bench.add_argument("--latency-ms", type=float, help="with --live: the sessions' latency (default: the "
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
+def positive(kind: type) -> Callable[[str], Any]:
     """An argparse type for numbers above zero (argparse turns the ValueError into a usage error, exit 2)."""
     def parse(text: str) -> Any:
         value = kind(text)
