@@ -15,18 +15,20 @@ import argparse
 import asyncio
 import contextlib
 import io
+import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import socket
 import struct
 import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -51,13 +53,14 @@ from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError
 from av.frame import Frame
 
-from stages.session import LIVE_RATES_HZ, Avatar, LiveSession
-from stream.cli import positive
+from stages.session import LIVE_RATES_HZ, Avatar, LiveSession, load_preset
+from stream.arguments import existing_dir, port, positive
 from stream.errors import TalkstreamError
 
 LOG = logging.getLogger("talkstream.server")
 SERVER_FILE = Path(__file__).resolve()
 EXAMPLES = {"astronaut": SERVER_FILE.parent / "examples" / "astronaut.png"}
+PAGE_DIR = SERVER_FILE.parent / "stages" / "page"   # the page's HTML, script, style and icon
 VIDEO_CLOCK_HZ = 90000
 MAX_SIDE_PX = 720    # live video stays within 720p: encoders keep up, and H.264's advertised level 3.1 holds
 TOKEN_VARIABLE = "TALKSTREAM_TOKEN"
@@ -311,7 +314,7 @@ class Server:
         self.sessions: dict[str, LiveAvatarSession] = {}
         self.preparing = 0
         self.prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="talkstream-prepare")
-        self.counters = {"sessions_created": 0, "sessions_closed": 0, "requests_refused": 0}
+        self.counters = {"sessions_created": 0, "sessions_closed": 0, "requests_refused": 0, "requests_failed": 0}
 
     async def create(self, portrait: bytes | Path, preset: str, name: str) -> LiveAvatarSession:
         limits = self.settings.limits
@@ -395,10 +398,11 @@ async def create_session(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     fields = await _form(request)
     preset = _text(fields.get("preset")) or server.settings.preset
-    if "portrait" in fields and isinstance(fields["portrait"], bytes):
-        portrait: bytes | Path = fields["portrait"]
-        _check_image_size(portrait, server.settings.limits.max_image_pixels)
-        name = "the uploaded portrait"
+    upload = fields.get("portrait")
+    if isinstance(upload, Upload):
+        portrait: bytes | Path = upload.data
+        _check_image_size(upload.data, server.settings.limits.max_image_pixels)
+        name = upload.named("portrait")
     else:
         example = _text(fields.get("example")) or "astronaut"
         if example not in EXAMPLES:
@@ -439,7 +443,7 @@ async def offer(request: web.Request) -> web.Response:
             session.spawn(_listen(session, track), "microphone")
 
     try:
-        await pc.setRemoteDescription(RTCSessionDescription(_loopback_only(description.sdp, settings.host),
+        await pc.setRemoteDescription(RTCSessionDescription(_reachable_candidates(description.sdp, settings.host),
                                                             "offer"))
         await pc.setLocalDescription(await pc.createAnswer())
     except (ValueError, KeyError, IndexError, AttributeError, OperationError) as error:
@@ -453,11 +457,11 @@ async def speak(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     session = server.get(request.match_info["id"])
     fields = await _form(request)
-    data = fields.get("audio")
-    if not isinstance(data, bytes) or not data:
+    upload = fields.get("audio")
+    if not isinstance(upload, Upload) or not upload.data:
         raise ApiError(400, "send the speech as a multipart field 'audio' (any file ffmpeg reads)")
     loop = asyncio.get_running_loop()
-    speech, rate = await loop.run_in_executor(None, _decode_speech, data, server.settings.limits.max_speech_s)
+    speech, rate = await loop.run_in_executor(None, _decode_speech, upload, server.settings.limits.max_speech_s)
     session.live.push(speech, rate)
     session.live.end_utterance()
     return web.json_response({"queued_s": round(len(speech) / rate, 3)})
@@ -536,15 +540,39 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
-async def page(request: web.Request) -> web.Response:
-    return web.Response(text=PAGE, content_type="text/html", charset="utf-8")
+async def page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(PAGE_DIR / "index.html")
+
+
+async def favicon(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(PAGE_DIR / "favicon.svg", headers={"Content-Type": "image/svg+xml"})
+
+
+async def config(request: web.Request) -> web.Response:
+    """What the page offers: the presets (the server's default selected), the examples, whether a token is needed."""
+    from stream.presets import PresetBook
+
+    settings = request.app[SERVER].settings
+    return web.json_response({"presets": PresetBook().names, "preset": settings.preset,
+                              "examples": list(EXAMPLES), "token_required": bool(settings.token)})
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
-async def _form(request: web.Request) -> dict[str, bytes | str]:
-    """The multipart (or urlencoded) fields of a request: files as bytes, text as str."""
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A file field of a form: its bytes and how to name it in an error."""
+
+    data: bytes
+    filename: str
+
+    def named(self, what: str) -> str:
+        return f"the uploaded {what} {self.filename!r}" if self.filename else f"the uploaded {what}"
+
+
+async def _form(request: web.Request) -> dict[str, Upload | str]:
+    """The multipart (or urlencoded) fields of a request: files as `Upload`s, text as str."""
     try:
         form = await request.post()
     except web.HTTPRequestEntityTooLarge:
@@ -552,14 +580,14 @@ async def _form(request: web.Request) -> dict[str, bytes | str]:
                        "MiB") from None
     except ValueError as error:
         raise ApiError(400, f"cannot read the form: {error}") from None
-    fields: dict[str, bytes | str] = {}
+    fields: dict[str, Upload | str] = {}
     for key, value in form.items():
-        fields[key] = value.file.read() if isinstance(value, web.FileField) else str(value)
+        fields[key] = Upload(value.file.read(), value.filename) if isinstance(value, web.FileField) else str(value)
     return fields
 
 
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
+def _text(value: Upload | str | None) -> str | None:
+    return value.data.decode(errors="replace") if isinstance(value, Upload) else value
 
 
 def _check_image_size(data: bytes, max_pixels: int) -> None:
@@ -584,12 +612,13 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _decode_speech(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
-    """Any audio file ffmpeg reads -> int16 mono and its rate; clear errors for the rest."""
+def _decode_speech(upload: Upload, max_seconds: float) -> tuple[np.ndarray, int]:
+    """Any audio file ffmpeg reads -> int16 mono and its rate; clear errors, naming the upload, for the rest."""
     from stages.audio import AudioReader
 
+    name = upload.named("audio")
     try:
-        reader = AudioReader(io.BytesIO(data))
+        reader = AudioReader(io.BytesIO(upload.data), name=name, notice=lambda message: LOG.info("%s", message))
         blocks = []
         while (block := reader.read()) is not None:
             blocks.append(block)
@@ -625,12 +654,36 @@ def _prefer(pc: RTCPeerConnection, sender: RTCRtpSender, codec: str, *, only: bo
 _CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) ", re.IGNORECASE)
 
 
-def _loopback_only(sdp: str, host: str) -> str:
-    """Drop remote candidates outside the address the server binds (when it binds one): traffic stays there."""
-    if host in ("0.0.0.0", "::", ""):
+def _reachable_candidates(sdp: str, host: str) -> str:
+    """A server bound to loopback talks to this machine only: remote candidates on other machines are dropped. Any
+    address of this machine is kept (a local aiortc client offers its interfaces' addresses, never loopback, and
+    127.0.0.1 reaches them), and so are mDNS names (a browser's). Any other bind keeps every candidate, and a peer
+    that offers none still connects by its checks (peer-reflexive candidates)."""
+    if not _is_loopback(host):
         return sdp
-    kept = [line for line in sdp.splitlines() if not (match := _CANDIDATE.match(line)) or match.group(1) == host]
+    kept = [line for line in sdp.splitlines()
+            if not (match := _CANDIDATE.match(line)) or _on_this_machine(match.group(1))]
     return "\r\n".join(kept) + "\r\n"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _on_this_machine(address: str) -> bool:
+    """Whether `address` is one of this machine's (it can be bound), or an mDNS name (resolved later by aioice)."""
+    if address.endswith(".local"):
+        return True
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+        return True
+    except (ValueError, OSError):
+        return False
 
 
 def restrict_ice_to(host: str) -> None:
@@ -640,16 +693,20 @@ def restrict_ice_to(host: str) -> None:
         return
     import aioice.ice
 
-    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [host]
+    address = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0]   # "localhost" -> 127.0.0.1
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [address]
 
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
+    """Every answer of 400 and above is `{"error": "..."}`; an unexpected failure is logged here (with its traceback)
+    and answered 500 with one line, never a traceback."""
     server = request.app[SERVER]
     try:
         token = server.settings.token
-        if token and request.path.startswith("/api/") and not _authorised(request, token):
+        public = request.path == "/api/config"   # the page learns from it that it needs the token
+        if token and request.path.startswith("/api/") and not public and not _authorised(request, token):
             raise ApiError(401, "missing or wrong token (Authorization: Bearer TOKEN)")
         response = await handler(request)
     except ApiError as error:
@@ -659,6 +716,13 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
         if error.status < 400:
             raise
         response = web.json_response({"error": error.reason}, status=error.status)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - one bad request never takes the server down
+        LOG.exception("%s %s failed", request.method, request.path)
+        server.counters["requests_failed"] += 1
+        response = web.json_response({"error": f"the server failed on {request.method} {request.path}; its log "
+                                      "says why"}, status=500)
     if server.settings.cors_origin:
         response.headers["Access-Control-Allow-Origin"] = server.settings.cors_origin
     return response
@@ -675,6 +739,9 @@ def make_app(settings: ServerSettings) -> web.Application:
     server = Server(settings)
     app[SERVER] = server
     app.router.add_get("/", page)
+    app.router.add_get("/favicon.ico", favicon)
+    app.router.add_static("/page/", PAGE_DIR)
+    app.router.add_get("/api/config", config)
     app.router.add_get("/healthz", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/sessions", create_session)
@@ -703,25 +770,51 @@ def make_app(settings: ServerSettings) -> web.Application:
 JANITOR = web.AppKey("janitor", asyncio.Task)
 
 
+SERVE_EXAMPLES = """examples:
+  talkstream serve                        # http://127.0.0.1:8080/ on this machine only
+  talkstream serve --host 0.0.0.0 --port 8080 --token "$(openssl rand -hex 16)" --preset balanced
+  talkstream serve --codec H264 --max-sessions 8 --access-log
+"""
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """`talkstream serve`'s options; every default is the one `ServerSettings` holds (`settings_from` builds it)."""
+    defaults = ServerSettings()
     parser = argparse.ArgumentParser(prog="talkstream serve", description="The live avatar server: open "
-                                     "http://HOST:PORT/ in a browser, or drive it through its JSON API.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind; WebRTC candidates stay on it "
-                        "(default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
+                                     "http://HOST:PORT/ in a browser, or drive it through its JSON API.",
+                                     epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=defaults.host, help="address to bind; off loopback, browsers need HTTPS "
+                        "for the microphone (default: %(default)s)")
+    parser.add_argument("--port", type=port, default=defaults.port, help="(default: %(default)s)")
     parser.add_argument("--token", default=os.environ.get(TOKEN_VARIABLE), help="require this bearer token on "
                         f"the API (default: ${TOKEN_VARIABLE}, else none)")
-    parser.add_argument("--preset", default="fast", help="default preset of new sessions (default: %(default)s)")
-    parser.add_argument("--backend", default="embedded", help="embedded or sadtalker (default: %(default)s)")
-    parser.add_argument("--checkpoints", help="model files (SadTalker, GFPGAN) for the sadtalker backend")
+    parser.add_argument("--preset", default=defaults.preset, help="default preset of new sessions, the one the "
+                        "page selects (default: %(default)s)")
+    parser.add_argument("--backend", default=defaults.backend, help="embedded or sadtalker (default: %(default)s)")
+    parser.add_argument("--checkpoints", type=existing_dir, metavar="DIR", help="model files (SadTalker, GFPGAN) "
+                        "for the sadtalker backend and the neural enhancers (default: none)")
     parser.add_argument("--latency-ms", type=positive(float), help="from speech in to its frame out (default: "
                         "what the preset and backend need: 100 ms for the embedded backend at ultra_fast)")
-    parser.add_argument("--codec", choices=("VP8", "H264"), default="VP8", help="preferred video codec")
-    parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
-                        help="a STUN/TURN server (repeatable; none by default)")
-    parser.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
-    parser.add_argument("--cors-origin", help="allow this origin to call the API (no CORS by default)")
+    parser.add_argument("--codec", choices=("VP8", "H264"), default=defaults.video_codec,
+                        help="preferred video codec (default: %(default)s)")
+    parser.add_argument("--ice-server", action="append", default=list(defaults.ice_servers), metavar="URL",
+                        help="a STUN/TURN server (repeatable; default: none)")
+    parser.add_argument("--max-sessions", type=positive(int), default=defaults.limits.max_sessions, metavar="N",
+                        help="sessions held at once; more are refused with 503 (default: %(default)s)")
+    parser.add_argument("--cors-origin", default=defaults.cors_origin, help="allow this origin to call the API "
+                        "(default: no CORS)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="debug adds aioice's and aiortc's "
+                        "own lines (default: %(default)s)")
+    parser.add_argument("--access-log", action="store_true", help="a line per HTTP request")
     return parser
+
+
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(host=args.host, port=args.port, token=args.token or None, preset=args.preset,
+                          backend=args.backend, checkpoints=str(args.checkpoints) if args.checkpoints else None,
+                          latency_ms=args.latency_ms, video_codec=args.codec, ice_servers=tuple(args.ice_server),
+                          cors_origin=args.cors_origin, limits=replace(Limits(), max_sessions=args.max_sessions))
 
 
 # ------------------------------------------------------------------------------------------------------- benchmark
@@ -1004,142 +1097,56 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings = settings_from(args)
     cv2.setNumThreads(1)  # one thread per library; sessions run side by side on threads of their own
-    logging.basicConfig(level=logging.INFO, format="talkstream: %(name)s: %(message)s")
-    settings = ServerSettings(host=args.host, port=args.port, token=args.token or None, preset=args.preset,
-                              backend=args.backend, checkpoints=args.checkpoints, latency_ms=args.latency_ms,
-                              video_codec=args.codec,
-                              ice_servers=tuple(args.ice_server), cors_origin=args.cors_origin,
-                              limits=Limits(max_sessions=args.max_sessions))
-    print(f"talkstream: serving on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    web.run_app(make_app(settings), host=args.host, port=args.port, print=None, loop=_new_loop())
+    _configure_logging(args.log_level)
+    try:
+        load_preset(settings.preset, backend=settings.backend)   # a mistyped preset fails here, not per session
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        listener = socket.create_server((settings.host, settings.port), family=family)
+    except TalkstreamError as error:
+        print(f"talkstream: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        print(f"talkstream: error: cannot listen on {settings.host}:{settings.port}: {reason}", file=sys.stderr)
+        return 2
+    print(f"talkstream: serving on {_page_url(settings)} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    if not _is_loopback(settings.host):
+        print("talkstream: browsers open the microphone only over HTTPS or on localhost; elsewhere the page "
+              "connects without it", file=sys.stderr, flush=True)
+    web.run_app(make_app(settings), sock=listener, print=None, loop=_new_loop(),
+                access_log=logging.getLogger("aiohttp.access") if args.access_log else None)
     return 0
 
 
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>talkstream live avatar</title>
-<style>
-  body { font: 15px system-ui, sans-serif; margin: 0; background: #111; color: #eee; }
-  main { max-width: 720px; margin: 0 auto; padding: 16px; }
-  .stage { position: relative; background: #000; aspect-ratio: 1; }
-  video { width: 100%; height: 100%; object-fit: contain; }
-  #stats { position: absolute; left: 8px; top: 8px; font: 12px monospace; background: #0008; padding: 4px 6px; }
-  fieldset { border: 1px solid #444; margin: 12px 0; display: flex; gap: 10px; flex-wrap: wrap; align-items: center; }
-  button { padding: 6px 14px; }
-  #error { color: #f77; min-height: 1.2em; }
-</style>
-</head>
-<body>
-<main>
-  <h1>talkstream</h1>
-  <fieldset>
-    <label>Portrait <select id="example"><option value="astronaut">astronaut (example)</option></select></label>
-    <label>or upload <input id="portrait" type="file" accept="image/*"></label>
-    <label>Preset <select id="preset">
-      <option>ultra_fast</option><option selected>fast</option><option>balanced</option><option>quality</option>
-    </select></label>
-    <label><input id="mic" type="checkbox" checked> microphone</label>
-    <button id="connect">Connect</button>
-  </fieldset>
-  <div class="stage"><video id="video" autoplay playsinline></video><div id="stats">not connected</div></div>
-  <fieldset>
-    <label>Say a file <input id="speech" type="file" accept="audio/*"></label>
-    <button id="interrupt" disabled>Interrupt</button>
-    <button id="hangup" disabled>Hang up</button>
-  </fieldset>
-  <div id="error"></div>
-</main>
-<script>
-const $ = (id) => document.getElementById(id);
-const token = new URLSearchParams(location.hash.slice(1)).get("token");
-let session = null, pc = null, timer = null;
+def _configure_logging(level: str) -> None:
+    """Our lines at `level`; aioice's and aiortc's chatter (every candidate, every check) only when debugging."""
+    logging.basicConfig(level=level.upper(), format="talkstream: %(name)s: %(message)s")
+    if level != "debug":
+        for chatty in ("aioice", "aiortc"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
 
-async function api(path, options = {}) {
-  options.headers = Object.assign({}, options.headers, token ? {Authorization: "Bearer " + token} : {});
-  const response = await fetch(path, options);
-  const body = await response.json();
-  if (!response.ok) throw new Error(body.error || response.statusText);
-  return body;
-}
 
-function gathered(peer) {
-  if (peer.iceGatheringState === "complete") return Promise.resolve();
-  return new Promise((resolve) => peer.addEventListener("icegatheringstatechange", () => {
-    if (peer.iceGatheringState === "complete") resolve();
-  }));
-}
+def _page_url(settings: ServerSettings) -> str:
+    """The address to open: this machine's own address when bound to all of them, the token in the fragment (the
+    page reads it from there; a fragment never reaches a server's log)."""
+    host = _this_machine() if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.port}/" + (f"#token={settings.token}" if settings.token else "")
 
-async function connect() {
-  $("error").textContent = "";
-  const form = new FormData();
-  if ($("portrait").files.length) form.append("portrait", $("portrait").files[0]);
-  else form.append("example", $("example").value);
-  form.append("preset", $("preset").value);
-  session = (await api("/api/sessions", {method: "POST", body: form})).id;
-  pc = new RTCPeerConnection({iceServers: []});
-  pc.addTransceiver("video", {direction: "recvonly"});
-  if ($("mic").checked) {
-    const microphone = await navigator.mediaDevices.getUserMedia({audio: true});
-    microphone.getTracks().forEach((track) => pc.addTrack(track, microphone));
-  } else {
-    pc.addTransceiver("audio", {direction: "recvonly"});
-  }
-  const stream = new MediaStream();
-  pc.ontrack = (event) => { stream.addTrack(event.track); $("video").srcObject = stream; };
-  await pc.setLocalDescription(await pc.createOffer());
-  await gathered(pc);
-  const answer = await api(`/api/sessions/${session}/offer`, {
-    method: "POST", headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({sdp: pc.localDescription.sdp, type: pc.localDescription.type}),
-  });
-  await pc.setRemoteDescription(answer);
-  $("interrupt").disabled = $("hangup").disabled = false;
-  timer = setInterval(showStats, 500);
-}
 
-async function showStats() {
-  if (!pc) return;
-  const quality = $("video").getVideoPlaybackQuality();
-  let fps = 0, delay = 0;
-  (await pc.getStats()).forEach((report) => {
-    if (report.type === "inbound-rtp" && report.kind === "video") {
-      fps = report.framesPerSecond || 0;
-      delay = report.jitterBufferEmittedCount ? 1000 * report.jitterBufferDelay / report.jitterBufferEmittedCount : 0;
-    }
-  });
-  $("stats").textContent = `${fps.toFixed(0)} fps · ${quality.totalVideoFrames} frames · ` +
-    `${quality.droppedVideoFrames} dropped · jitter buffer ${delay.toFixed(0)} ms`;
-}
+def _this_machine() -> str:
+    """The address other machines reach this one at (the route to a non-routable address; nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
 
-async function sayFile() {
-  if (!session || !$("speech").files.length) return;
-  const form = new FormData();
-  form.append("audio", $("speech").files[0]);
-  await api(`/api/sessions/${session}/speak`, {method: "POST", body: form});
-}
 
-async function hangUp() {
-  clearInterval(timer);
-  if (pc) pc.close();
-  if (session) await api(`/api/sessions/${session}`, {method: "DELETE"}).catch(() => {});
-  pc = session = null;
-  $("interrupt").disabled = $("hangup").disabled = true;
-  $("stats").textContent = "not connected";
-}
 
-const report = (action) => () => action().catch((error) => { $("error").textContent = error.message; });
-$("connect").onclick = report(connect);
-$("speech").onchange = report(sayFile);
-$("interrupt").onclick = report(() => api(`/api/sessions/${session}/interrupt`, {method: "POST"}));
-$("hangup").onclick = report(hangUp);
-</script>
-</body>
-</html>
-"""
 
 
 if __name__ == "__main__":

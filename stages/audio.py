@@ -7,9 +7,11 @@ small reads (PyAV probing a piped WAV holds 1.5-5 s of audio before the first sa
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
@@ -50,17 +52,27 @@ def layout_of(channels: int) -> str:
     return "stereo" if channels == 2 else "mono"
 
 
+def notice_on_stderr(message: str) -> None:
+    print(f"talkstream: {message}", file=sys.stderr)
+
+
 class AudioReader:
     """Blocking source of speech blocks, int16 (n, channels) in `format`: run it on a worker thread.
 
     `source` is a path, or a binary stream such as stdin. On a stream a WAV header or raw PCM (`raw_rate_hz`) is read
-    here in 20 ms pieces so live speech flows at once; anything else is probed by PyAV.
+    here in 20 ms pieces so live speech flows at once; anything else is probed by PyAV. Messages call it `name`
+    (default: the path, or "standard input"); `notice` hears of audio that is usable but not as declared.
     """
 
-    def __init__(self, source: str | Path | BinaryIO, *, raw_rate_hz: int | None = None, raw_channels: int = 1):
-        self.name = str(source) if isinstance(source, (str, Path)) else "standard input"
+    def __init__(self, source: str | Path | BinaryIO, *, raw_rate_hz: int | None = None, raw_channels: int = 1,
+                 name: str | None = None, notice: Callable[[str], None] = notice_on_stderr):
+        is_path = isinstance(source, (str, Path))
+        self.name = name or (str(source) if is_path else "standard input")
+        self._notice = notice
+        # Raw PCM looks like nothing to a probe: standard input (unnamed: the command line's) says how to pass it.
+        self._hint = "; for raw s16le PCM give --rate HZ" if name is None and not is_path else ""
         self._blocks: Iterator[np.ndarray]
-        if isinstance(source, (str, Path)):
+        if is_path:
             self._blocks = self._from_container(source)
         elif raw_rate_hz is not None:
             if raw_rate_hz < 1000 or raw_channels < 1:
@@ -69,7 +81,9 @@ class AudioReader:
             self._blocks = self._from_pcm(source, raw_rate_hz, raw_channels, "s16", None)
         else:
             head = _read_exactly(source, 12)
-            if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+            if not head:
+                raise InputError(f"{self.name} is empty{self._hint}")
+            if _is_wav(head):
                 self._blocks = self._from_wav(source)
             else:
                 self._blocks = self._from_container(_Prefixed(head, source))
@@ -93,14 +107,16 @@ class AudioReader:
         except FileNotFoundError as error:
             raise InputError(f"audio file not found: {self.name}") from error
         except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
-            raise InputError(f"cannot read {self.name} as audio ({_reason(error)})") from error
+            raise InputError(f"cannot read {self.name} as audio ({_reason(error)}){self._hint}") from error
         with container:
             if not container.streams.audio:
                 raise InputError(f"{self.name} has no audio stream")
             stream = container.streams.audio[0]
             speech = output_format(stream.rate or FALLBACK_RATE_HZ, stream.channels or 1)
-            if container.duration and isinstance(source, (str, Path)):
-                self.duration_s = container.duration / av.time_base
+            if isinstance(source, (str, Path)):
+                self._check_wav_length(Path(source))
+                if container.duration:
+                    self.duration_s = container.duration / av.time_base
             yield speech
             to_speech = av.AudioResampler("s16", layout_of(speech.channels), speech.rate_hz)
             try:
@@ -113,31 +129,29 @@ class AudioReader:
                 raise InputError(f"{self.name} is corrupt ({_reason(error)})") from error
 
     def _from_wav(self, stream: BinaryIO) -> Iterator[SpeechFormat | np.ndarray]:
-        codec, channels, rate, bits = None, 1, 0, 16
-        while True:
-            header = _read_exactly(stream, 8)
-            if len(header) < 8:
-                raise InputError(f"{self.name}: WAV header ends before its data")
-            chunk_id, size = header[:4], struct.unpack("<I", header[4:])[0]
-            if chunk_id == b"fmt ":
-                fmt = _read_exactly(stream, size + (size & 1))
-                if len(fmt) < 16:
-                    raise InputError(f"{self.name}: truncated WAV format chunk")
-                tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
-                if tag == _WAVE_FORMAT_EXTENSIBLE and len(fmt) >= 26:
-                    tag = struct.unpack("<H", fmt[24:26])[0]
-                codec = _wav_codec(tag, bits)
-                if codec is None or channels < 1 or rate < 1000:
-                    raise InputError(f"{self.name}: unsupported WAV encoding (format {tag}, {bits} bits)")
-            elif chunk_id == b"data":
-                if codec is None:
-                    raise InputError(f"{self.name}: WAV data before its format chunk")
-                # Streaming writers leave the size 0 or at its maximum: then the data runs to the end.
-                limit = None if size in (0, 0xFFFFFFFF) else size
-                yield from self._from_pcm(stream, rate, channels, codec, limit)
+        wav = _read_wav_header(stream, self.name)
+        codec = _wav_codec(wav.tag, wav.bits)
+        if codec is None or wav.channels < 1 or wav.rate_hz < 1000:
+            raise InputError(f"{self.name}: unsupported WAV encoding (format {wav.tag}, {wav.bits} bits)")
+        yield from self._from_pcm(stream, wav.rate_hz, wav.channels, codec, wav.data_bytes)
+
+    def _check_wav_length(self, path: Path) -> None:
+        """PyAV reads a WAV file cut short to its end without a word: say that it is shorter than declared."""
+        with open(path, "rb") as file:
+            if not _is_wav(_read_exactly(file, 12)):
                 return
-            else:
-                _read_exactly(stream, size + (size & 1))
+            try:
+                wav = _read_wav_header(file, self.name)
+            except InputError:
+                return  # PyAV made sense of it
+            held = os.fstat(file.fileno()).st_size - file.tell()
+        if wav.data_bytes and wav.byte_rate and held < wav.data_bytes:
+            self._cut_short(held, wav.data_bytes, wav.byte_rate)
+
+    def _cut_short(self, held_bytes: int, declared_bytes: int, bytes_per_s: int) -> None:
+        held_s = held_bytes / bytes_per_s
+        self._notice(f"{self.name} holds {held_s:.2f} s of audio but its header declares "
+                     f"{declared_bytes / bytes_per_s:.2f} s (a cut-off file?); rendering the {held_s:.2f} s it holds")
 
     def _from_pcm(
         self, stream: BinaryIO, rate_hz: int, channels: int, codec: str, limit: int | None
@@ -162,12 +176,53 @@ class AudioReader:
             samples = _to_int16(pending[:usable], codec).reshape(-1, channels)
             pending = pending[usable:]
             yield from _fit(samples, speech, rate_hz, resample)
+        if remaining:
+            self._cut_short(limit - remaining, limit, rate_hz * frame_bytes)
         if resample is not None:
             for out in resample.resample(None):
                 yield out.to_ndarray().reshape(-1, speech.channels)
 
 
 _PCM_BYTES = {"u8": 1, "s16": 2, "s24": 3, "s32": 4, "f32": 4}
+
+
+def _is_wav(head: bytes) -> bool:
+    return head[:4] == b"RIFF" and head[8:12] == b"WAVE"
+
+
+@dataclass(frozen=True, slots=True)
+class _WavHeader:
+    tag: int
+    channels: int
+    rate_hz: int
+    byte_rate: int
+    bits: int
+    data_bytes: int | None = None  # None: the data runs to the end
+
+
+def _read_wav_header(stream: BinaryIO, name: str) -> _WavHeader:
+    """The chunks after "RIFF....WAVE" up to the data, which the stream is then at."""
+    wav = None
+    while True:
+        header = _read_exactly(stream, 8)
+        if len(header) < 8:
+            raise InputError(f"{name}: WAV header ends before its data")
+        chunk_id, size = header[:4], struct.unpack("<I", header[4:])[0]
+        if chunk_id == b"fmt ":
+            fmt = _read_exactly(stream, size + (size & 1))
+            if len(fmt) < 16:
+                raise InputError(f"{name}: truncated WAV format chunk")
+            tag, channels, rate, byte_rate, _, bits = struct.unpack("<HHIIHH", fmt[:16])
+            if tag == _WAVE_FORMAT_EXTENSIBLE and len(fmt) >= 26:
+                tag = struct.unpack("<H", fmt[24:26])[0]
+            wav = _WavHeader(tag, channels, rate, byte_rate, bits)
+        elif chunk_id == b"data":
+            if wav is None:
+                raise InputError(f"{name}: WAV data before its format chunk")
+            # Streaming writers leave the size 0 or at its maximum: then the data runs to the end.
+            return replace(wav, data_bytes=None if size in (0, 0xFFFFFFFF) else size)
+        else:
+            _read_exactly(stream, size + (size & 1))
 
 
 def _wav_codec(tag: int, bits: int) -> str | None:

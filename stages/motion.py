@@ -192,6 +192,7 @@ class SpeakerNormaliser:
         self.f1.seed(np.linspace(290.0, 760.0, 48), weight=50.0)
         self.f2.seed(np.linspace(1050.0, 2350.0, 48), weight=50.0)
         self.peak_db = 0.0
+        self.vowel_heard = False  # until then the running peak is no vowel level, and no dip under it can show
         self.previous_silent = True
         self.width_hold = 0.0
 
@@ -210,10 +211,14 @@ class SpeakerNormaliser:
         # A weak, flat-spectrum burst right after a silence is a lip release (/p/ /b/): /t/ /k/ /s/ bursts are
         # hissy (much power above 2 kHz) and an open vowel starting after a pause has little below 400 Hz.
         release = self.previous_silent and band_db < peak_db - self.DIP_DB and high_ratio < 0.18 and low_ratio > 0.22
-        closure = not silent and (murmur or voice_bar or release)
+        # A stream that opens on an /m/ has the murmur itself as its loudest sound: before the first vowel the
+        # murmur's spectrum alone closes the lips (onset vowels, /u/ too, keep over 1.5 % of their power above 2 kHz).
+        opening_murmur = not self.vowel_heard and low_ratio >= 0.8 and high_ratio < 0.015
+        closure = not silent and (murmur or voice_bar or release or opening_murmur)
         self.previous_silent = silent
 
         vowel_like = not silent and not closure and loudness > 0.55 and not math.isnan(f1_hz) and not math.isnan(f2_hz)
+        self.vowel_heard = self.vowel_heard or vowel_like
         if vowel_like:
             self.f1.add(f1_hz)
             self.f2.add(f2_hz)

@@ -155,13 +155,14 @@ def _looks_truncated(data: bytes) -> bool:
 
 
 def fit_frame(image: np.ndarray, max_side_px: int) -> np.ndarray:
-    """Scale down to `max_side_px` and crop to even sides (4:2:0 video needs them)."""
+    """Scale down to `max_side_px` and make the sides even (4:2:0 video needs them) by repeating the last row or
+    column: every pixel of the picture stays in the video."""
     height, width = image.shape[:2]
     if max(height, width) > max_side_px:
         factor = max_side_px / max(height, width)
         image = cv2.resize(image, (round(width * factor), round(height * factor)), interpolation=cv2.INTER_AREA)
         height, width = image.shape[:2]
-    return np.ascontiguousarray(image[: height - height % 2, : width - width % 2])
+    return cv2.copyMakeBorder(image, 0, height % 2, 0, width % 2, cv2.BORDER_REPLICATE)
 
 
 def find_face(image: np.ndarray, detector: LandmarkDetector, label: str) -> tuple[np.ndarray, int]:

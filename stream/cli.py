@@ -29,8 +29,8 @@ EXAMPLE_PORTRAIT = EXAMPLES_DIR / "astronaut.png"
 EXAMPLE_SPEECH = EXAMPLES_DIR / "speech.wav"
 USER_ERROR = 2
 INTERRUPTED = 130
-FILE_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mp4", ".nut": "nut", ".y4m": "y4m", ".raw": "rawvideo",
-                ".bgr": "rawvideo"}
+FILE_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "mkv", ".webm": "webm", ".nut": "nut",
+                ".y4m": "y4m", ".raw": "rawvideo", ".bgr": "rawvideo"}
 
 
 def _set_thread_counts() -> None:
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a container)")
     render.add_argument("-o", "--output", default="talkstream.mp4",
                         help="output file, or - for standard output (default: %(default)s)")
-    render.add_argument("--format", choices=("mp4", "nut", "y4m", "rawvideo"),
+    render.add_argument("--format", choices=tuple(dict.fromkeys(FILE_FORMATS.values())),
                         help="output format (default: from the file name; nut for standard output)")
     _add_preset_options(render)
     render.add_argument("--rate", type=positive(int), metavar="HZ", help="standard input is raw s16le PCM at this "
@@ -216,9 +216,13 @@ def _render(args: argparse.Namespace) -> int:
 
     cv2.setNumThreads(1)
     to_stdout = args.output == "-"
-    fmt = args.format or ("nut" if to_stdout else FILE_FORMATS.get(Path(args.output).suffix.lower(), "mp4"))
-    if to_stdout and fmt == "mp4":
-        raise InputError("MP4 cannot be streamed to standard output; use --format nut, y4m or rawvideo")
+    fmt = args.format or ("nut" if to_stdout else FILE_FORMATS.get(Path(args.output).suffix.lower()))
+    if fmt is None and not Path(args.output).is_dir():  # a directory is refused below, as one
+        extensions = ", ".join(FILE_FORMATS)
+        raise InputError(f"cannot tell the output format of {args.output}: name it with one of {extensions} "
+                         "(or give --format)")
+    if to_stdout and fmt not in ("nut", "y4m", "rawvideo"):
+        raise InputError(f"{fmt} cannot be streamed to standard output; use --format nut, y4m or rawvideo")
     if not to_stdout:
         check_writable(Path(args.output))
     avatar = Avatar.prepare(args.portrait, preset=args.preset, overrides=preset_overrides(args), backend=args.backend,

@@ -77,3 +77,65 @@ def sadtalker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.sadtalker_files import write_official_files
 
     return write_official_files(tmp_path_factory.mktemp("sadtalker") / "checkpoints")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a process the test started, whatever state it is in: SIGTERM, then SIGKILL after 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def talkstream_command() -> list[str]:
+    """`talkstream` as the quick start installs it (the console script beside this interpreter)."""
+    script = Path(sys.executable).parent / "talkstream"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "stream.cli"]
+
+
+class ServeProcess:
+    """`talkstream serve ARGS` in a process of its own, waited for until it answers /healthz; stopped on exit."""
+
+    def __init__(self, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.process = subprocess.Popen([*talkstream_command(), "serve", *args, "--port", str(self.port)],
+                                        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServeProcess:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                stop(self.process)
+                raise AssertionError(f"talkstream serve exited: {self.process.stderr.read()}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/healthz", timeout=1) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        stop(self.process)
+        raise AssertionError("talkstream serve did not answer within 60 s")
+
+    def __exit__(self, *exc: object) -> None:
+        stop(self.process)
+
+    def log(self) -> str:
+        """What the server printed (after it stopped)."""
+        stop(self.process)
+        return self.process.stderr.read()

@@ -7,8 +7,10 @@ import wave
 
 import av
 import numpy as np
+import pytest
 
 from stages.audio import FEATURE_RATE_HZ, AudioReader, FeatureChunker, output_format
+from stream.errors import InputError
 from tests.conftest import SPEECH
 
 
@@ -79,3 +81,39 @@ def test_chunks_tile_the_speech_and_the_feature_copy_has_the_exact_length():
             assert abs(len(chunk.speech) - len(chunk.pcm) * rate / FEATURE_RATE_HZ) <= 1
         if block_size == 441:
             assert max(len(c.pcm) for c in chunks) == 320  # live: one hop at a time, nothing held back
+
+
+def test_a_wav_cut_short_is_read_to_its_end_with_a_notice_of_both_lengths(tmp_path):
+    samples, rate = wav_samples(SPEECH)
+    data = SPEECH.read_bytes()
+    cut = data[: 44 + rate]  # the header still declares the whole speech; half a second is left
+    path = tmp_path / "cut.wav"
+    path.write_bytes(cut)
+    declared = f"{len(samples) / rate:.2f} s"
+    for source in (path, io.BytesIO(cut)):
+        notices: list[str] = []
+        reader = AudioReader(source, notice=notices.append)
+        assert np.array_equal(read_all(reader)[:, 0], samples[: rate // 2])
+        assert len(notices) == 1 and "0.50 s" in notices[0] and declared in notices[0], notices
+    notices = []
+    read_all(AudioReader(SPEECH, notice=notices.append))
+    read_all(AudioReader(io.BytesIO(data), notice=notices.append))
+    assert notices == []  # whole files say nothing
+
+
+def test_stdin_that_no_probe_reads_asks_for_a_rate():
+    samples, _ = wav_samples(SPEECH)
+    for data, words in ((samples.tobytes(), "cannot read standard input as audio"), (b"", "standard input is empty")):
+        with pytest.raises(InputError, match="--rate") as raised:
+            AudioReader(io.BytesIO(data))
+        assert words in str(raised.value)
+
+
+def test_a_name_stands_for_the_source_in_messages():
+    name = "the uploaded audio 'talk.mp3'"
+    for data in (b"this is not a sound " * 50, b"", SPEECH.read_bytes()[:30]):
+        with pytest.raises(InputError) as raised:
+            AudioReader(io.BytesIO(data), name=name)
+        message = str(raised.value)
+        assert name in message and "standard input" not in message and "--rate" not in message, message
+    assert AudioReader(SPEECH, name=name).name == name

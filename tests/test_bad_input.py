@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import wave
 from pathlib import Path
 
 import cv2
@@ -81,14 +82,30 @@ def test_audio_on_stdin_that_is_not_audio(out: Path):
     assert_user_error(result, out, "standard input")
 
 
+def test_raw_pcm_or_nothing_on_stdin_without_a_rate_asks_for_one(out: Path):
+    with wave.open(str(SPEECH)) as wav:
+        pcm = wav.readframes(wav.getnframes())
+    assert_user_error(run_cli("render", PORTRAIT, "-", "-o", out, stdin=pcm), out, "standard input", "--rate")
+    assert_user_error(run_cli("render", PORTRAIT, "-", "-o", out, stdin=b""), out, "standard input is empty",
+                      "--rate")
+
+
+def test_an_output_extension_without_a_format_is_refused_with_the_ones_there_are(tmp_path: Path):
+    for name in ("out.avi", "out.gif", "out"):
+        out = tmp_path / name
+        assert_user_error(run_cli("render", PORTRAIT, SPEECH, "-o", out), out, name, ".mp4", ".mkv", ".webm",
+                          ".mov", "--format")
+
+
 def test_output_that_cannot_be_written(tmp_path: Path):
     missing_dir = tmp_path / "no" / "such" / "dir" / "out.mp4"
     result = run_cli("render", PORTRAIT, SPEECH, "-o", missing_dir)
     assert result.returncode == 2 and "does not exist" in result.stderr.decode()
     result = run_cli("render", PORTRAIT, SPEECH, "-o", tmp_path)
     assert result.returncode == 2 and "is a directory" in result.stderr.decode()
-    result = run_cli("render", PORTRAIT, SPEECH, "-o", "-", "--format", "mp4")
-    assert result.returncode == 2 and "cannot be streamed" in result.stderr.decode()
+    for fmt in ("mp4", "mkv"):
+        result = run_cli("render", PORTRAIT, SPEECH, "-o", "-", "--format", fmt)
+        assert result.returncode == 2 and "cannot be streamed" in result.stderr.decode()
 
 
 def test_unknown_preset(out: Path):

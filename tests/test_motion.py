@@ -17,6 +17,11 @@ from stages.motion import EmbeddedMotion, Expression
 ROOT = Path(__file__).resolve().parent.parent
 VISEMES = ROOT / "tests" / "data" / "visemes"
 SPEECH = ROOT / "examples" / "speech"
+# "Ma, my mom, ma.": espeak-ng en-us through examples/make_speech.py's `Espeak`, first message of a fresh process.
+# espeak times the /m/ of the first "ma" at 0–156 ms and that of the last one at 1303–1459 ms.
+OPENS_ON_M = ROOT / "tests" / "data" / "opens_on_m"
+FIRST_M = {"start_ms": 0, "end_ms": 156}
+LAST_M = {"start_ms": 1303, "end_ms": 1459}
 RATE_HZ = 16000
 FPS = 25
 CLOSED_IOD = 0.03
@@ -132,6 +137,17 @@ def test_lips_close_for_p_b_m(visemes: tuple) -> None:
     assert long_m
     for event in long_m:
         assert sum(aperture[k] < CLOSED_IOD for k in frames_overlapping(event, len(frames))) >= 2, event
+
+
+@pytest.mark.parametrize("chunk", [None, 320], ids=["one_push", "20ms_chunks"])
+@pytest.mark.parametrize("gain_db", [0, -20])
+def test_lips_close_on_an_m_that_opens_the_stream(chunk: int | None, gain_db: int) -> None:
+    """No vowel has told the voice's level yet, so no dip can show: the opening /m/ still closes like the last."""
+    pcm = load_speech(OPENS_ON_M) * np.float32(10 ** (gain_db / 20))
+    aperture = apertures(run_motion(pcm) if chunk is None else run_in_chunks(pcm, chunk))
+    first, last = (aperture[list(frames_overlapping(event, len(aperture)))] for event in (FIRST_M, LAST_M))
+    assert np.all(first[:2] < CLOSED_IOD), first  # 0–80 ms: the murmur alone, before any vowel
+    assert np.sum(first < CLOSED_IOD) >= np.sum(last < CLOSED_IOD) >= 2, (first, last)
 
 
 def test_vowels_rarely_look_closed(visemes: tuple) -> None:

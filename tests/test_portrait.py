@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.portrait import DlibDetector, crop_box, prepare_portrait, read_image
+from stages.portrait import DlibDetector, crop_box, fit_frame, prepare_portrait, read_image
 from tests.conftest import PORTRAIT
 
 
@@ -105,3 +105,12 @@ def test_face_detection_is_cached_per_image(tmp_path: Path, detector: DlibDetect
     prepare_portrait(cv2.imencode(".png", other)[1].tobytes(), max_side_px=1280, crop_size=256,
                      detector_factory=factory, cache_dir=tmp_path)
     assert made == [1, 1]  # other pixels, another detection
+
+
+def test_odd_sides_are_padded_by_repeating_the_edge_never_cropped():
+    image = np.random.default_rng(0).integers(0, 256, (383, 511, 3), np.uint8)
+    even = fit_frame(image, max_side_px=1280)
+    assert even.shape == (384, 512, 3)
+    assert np.array_equal(even[:383, :511], image)
+    assert np.array_equal(even[383, :511], image[382]) and np.array_equal(even[:383, 511], image[:, 510])
+    assert fit_frame(even, max_side_px=1280).shape == (384, 512, 3)  # even sides stay as they are

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import PORTRAIT, ROOT, SPEECH, run_cli
+from tests.conftest import PORTRAIT, ROOT, SPEECH, run_cli, speech_clip
 
 FPS = 25
 
@@ -146,7 +146,7 @@ def test_frames_stream_out_while_speech_streams_in(fmt: str):
 def test_converting_only_the_changed_region_gives_the_same_picture():
     from fractions import Fraction
 
-    from stages.sinks import PipeSink
+    from stages.sinks import _I420, PipeSink, _bt709_i420
     from stream.frames import StreamInfo, VideoFrame
 
     portrait = cv2.imread(str(PORTRAIT))
@@ -175,6 +175,10 @@ def test_converting_only_the_changed_region_gives_the_same_picture():
         for frame in frames:
             sink.write(frame if keep_box else VideoFrame(frame.index, frame.image, frame.speech))
     assert damage.data == whole.data
+    # the encoded files' BT.709 conversion too
+    damage, whole = _I420(512, 512, _bt709_i420), _I420(512, 512, _bt709_i420)
+    for frame in frames:
+        assert np.array_equal(damage.convert(frame), whole.convert(VideoFrame(frame.index, frame.image, frame.speech)))
 
 
 def test_ctrl_c_leaves_no_output_behind(tmp_path: Path):
@@ -225,3 +229,35 @@ def test_the_example_pipe_into_ffmpeg_makes_a_video_with_sound(tmp_path: Path):
         assert {stream.type for stream in container.streams} == {"video", "audio"}
         frames = sum(1 for _ in container.decode(video=0))
     assert abs(frames - speech_seconds(SPEECH) * FPS) <= 1
+
+
+def test_a_wav_cut_short_renders_what_it_holds_and_says_so(tmp_path: Path):
+    clip = speech_clip(tmp_path / "clip.wav", 32000)  # the header declares 2 s
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(clip.read_bytes()[: 44 + 16000 * 2])  # 1 s is left
+    out = tmp_path / "cut.nut"
+    result = run_cli("render", PORTRAIT, cut, "-o", out, "--preset", "ultra_fast")
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    notices = [line for line in stderr.splitlines() if "cut.wav" in line and "header" in line]
+    assert len(notices) == 1 and notices[0].startswith("talkstream: ") and "1.00 s" in notices[0] \
+        and "2.00 s" in notices[0], stderr
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == FPS
+
+
+def test_an_odd_sized_portrait_is_padded_to_even_sides_never_cropped(tmp_path: Path):
+    portrait = cv2.imread(str(PORTRAIT))[:383, :511]
+    image = tmp_path / "odd.png"
+    cv2.imwrite(str(image), portrait)
+    out = tmp_path / "odd.nut"
+    result = run_cli("render", image, speech_clip(tmp_path / "clip.wav", 16000), "-o", out, "--preset", "ultra_fast")
+    assert result.returncode == 0, result.stderr.decode()
+    with av.open(str(out)) as container:
+        frames = np.stack([frame.to_ndarray(format="bgr24") for frame in container.decode(video=0)])
+    assert frames.shape[1:] == (384, 512, 3)
+    outside = np.ones((383, 511), bool)
+    outside[40:280, 100:340] = False  # the face crop, which moves
+    for frame in frames:  # elsewhere the portrait's own pixels, its last row and column repeated into the padding
+        assert np.array_equal(frame[:383, :511][outside], portrait[outside])
+        assert np.array_equal(frame[383, :511], frame[382, :511]) and np.array_equal(frame[:, 511], frame[:, 510])
