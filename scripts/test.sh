@@ -14,7 +14,7 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first, then basicsr (gfpgan's dependency, sdist only) without build isolation: its isolated build would
-# install a second torch (minutes) - see ../shared/spec/install.md.
+# install a second torch (minutes).
 "${pip[@]}" "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1" numpy cython
 "${pip[@]}" --no-build-isolation "basicsr==1.4.2"
 "${pip[@]}" -e ".[all,dev]"
