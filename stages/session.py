@@ -16,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from stages.audio import (
     AudioReader,
     FeatureChunker,
     SpeechFormat,
+    notice_on_stderr,
     output_format,
 )
 from stages.blend import BLEND_MODES, Blender, ComposeStage
@@ -44,11 +44,11 @@ from stages.portrait import DlibDetector, Portrait, prepare_portrait
 from stages.render import RenderStage, WarpRenderer
 from stages.sinks import Sink
 from stream.clock import FrameClock
-from stream.errors import InputError, PresetError
+from stream.errors import InputError, PresetError, TalkstreamError
 from stream.frames import FaceCrop, StreamInfo, VideoFrame
 from stream.pacing import Clock, LivePacer, Timing
 from stream.pipeline import DRAIN_MAX, Chain, Pipeline, Stage, run_together
-from stream.presets import Preset, PresetBook, build_section, check_choice, check_fixed
+from stream.presets import DEFAULT_PRESET, Preset, PresetBook, build_section, check_choice, check_fixed
 from stream.profile import Profiler, StageTimes
 
 BACKENDS = ("embedded", "sadtalker")
@@ -56,6 +56,9 @@ SADTALKER_CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")  # spec 
 SADTALKER_MOTION = ("streaming", "offline")
 LIVE_RENDER_MARGIN_MS = 40   # a live frame's rendering and its hops between stages, with a busy second core
 LIVE_RATES_HZ = (16000, 24000, 48000)  # raw live PCM's rates: a 16 kHz microphone, 24 kHz TTS, Opus' 48 kHz
+# What each optional extra installs (with the packages those import): one of them missing is the install's fault.
+EXTRA_PACKAGES = {"sadtalker": ("torch", "safetensors", "PIL"),
+                  "enhance": ("torch", "torchvision", "gfpgan", "basicsr", "facexlib")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +117,7 @@ BackendSettings = EmbeddedSettings | SadTalkerSettings
 
 
 def load_preset(
-    name: str = "balanced", overrides: Iterable[str] = (), backend: str = "embedded", book: PresetBook | None = None
+    name: str = DEFAULT_PRESET, overrides: Iterable[str] = (), backend: str = "embedded", book: PresetBook | None = None
 ) -> tuple[Preset, BackendSettings]:
     """A preset validated against the backend and the stages' own choices, with the backend's settings."""
     if backend not in BACKENDS:
@@ -140,10 +143,6 @@ def speech_lead_ms(preset: Preset, settings: BackendSettings) -> float:
         future = settings.mapping_future_frames + settings.pose_lookahead_frames + settings.pose_lag_frames
         return future * frame_ms + MEL_LEAD_MS
     return frame_ms + preset.motion.lookahead_ms
-
-
-def _notice_to_stderr(message: str) -> None:
-    print(f"talkstream: {message}", file=sys.stderr)
 
 
 class Avatar:
@@ -242,14 +241,14 @@ class Avatar:
         cls,
         portrait: str | Path | bytes,
         *,
-        preset: str = "balanced",
+        preset: str = DEFAULT_PRESET,
         overrides: Iterable[str] = (),
         backend: str = "embedded",
         checkpoints: str | Path | None = None,
         networks: Any = None,
         cache_dir: Path | None = None,
         name: str | None = None,
-        notice: Callable[[str], None] = _notice_to_stderr,
+        notice: Callable[[str], None] = notice_on_stderr,
         strict: bool = False,
     ) -> Avatar:
         """Load the portrait, find the face (cached), and build everything per-frame work will only read.
@@ -272,8 +271,9 @@ class Avatar:
         face = None
         if isinstance(settings, SadTalkerSettings):
             face = _prepare_sadtalker(prepared, resolved, settings, networks)
-        restorer = prepare_restorer(choice, device=enhance.device, max_batch=enhance.max_batch,
-                                    threads=enhance.threads, notice=notice)
+        with _needs_extra("enhance", f"the {choice.name} enhancer"):
+            restorer = prepare_restorer(choice, device=enhance.device, max_batch=enhance.max_batch,
+                                        threads=enhance.threads, notice=notice)
         return cls(prepared, resolved, settings, face=face, enhancer=choice.name, restorer=restorer)
 
     def open_session(self, speech_rate_hz: int, speech_channels: int = 1, *,
@@ -286,6 +286,18 @@ class Avatar:
         return Session(self, speech, profiler=profiler)
 
 
+@contextlib.contextmanager
+def _needs_extra(extra: str, feature: str) -> Iterator[None]:
+    """An extra that is not installed is one line naming the pip command, not an ImportError traceback."""
+    try:
+        yield
+    except ImportError as error:
+        if (error.name or "").partition(".")[0] not in EXTRA_PACKAGES[extra]:
+            raise
+        raise TalkstreamError(f"{feature} needs the [{extra}] extra ({error}): pip install -e '.[{extra}]'") from error
+
+
+@_needs_extra("sadtalker", "the sadtalker backend")
 def load_sadtalker(settings: SadTalkerSettings) -> Any:
     """Find and load SadTalker's networks for these settings (seconds: share the result between avatars)."""
     from stages.nets.checkpoints import find_checkpoints, load_networks
@@ -357,6 +369,7 @@ def enhancer_benchmark(avatar: Avatar, batches: Iterable[int] = (1, 4)) -> dict[
             "ms_per_frame_by_batch": timings}
 
 
+@_needs_extra("sadtalker", "the sadtalker backend")
 def _prepare_sadtalker(portrait: Portrait, preset: Preset, settings: SadTalkerSettings, networks: Any) -> Any:
     from stages.sadtalker_render import RenderSettings, prepare_face
     from stream.device import choose_placement, set_cpu_threads

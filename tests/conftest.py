@@ -112,7 +112,8 @@ class ServeProcess:
         self.process = subprocess.Popen([*talkstream_command(), "serve", *args, "--port", str(self.port)],
                                         cwd=ROOT, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-        self.base = f"http://127.0.0.1:{self.port}"
+        host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
+        self.base = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
 
     def __enter__(self) -> ServeProcess:
         import time

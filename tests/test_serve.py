@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
+import socket
 import subprocess
 
 import aiohttp
@@ -65,8 +67,19 @@ async def create(http: aiohttp.ClientSession, base: str, **fields: object) -> di
     return await answer.json()
 
 
-@pytest.mark.parametrize("host", [None, "0.0.0.0"], ids=["default", "all-addresses"])
+def lan_address() -> str:
+    """This machine's address on its network (the route to a non-routable address; nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 1))
+        return str(probe.getsockname()[0])
+
+
+@pytest.mark.parametrize("host", [None, "0.0.0.0", "lan"], ids=["default", "all-addresses", "lan-address"])
 async def test_a_plain_aiortc_peer_sees_and_hears_the_avatar_speak_a_file(host: str | None) -> None:
+    if host == "lan":
+        host = lan_address()
+        if ipaddress.ip_address(host).is_loopback:
+            pytest.skip("this machine has no network address")
     with ServeProcess(*(["--host", host] if host else [])) as served:
         base = served.base
         async with aiohttp.ClientSession() as http:
@@ -156,3 +169,28 @@ def test_an_unknown_preset_stops_serve_before_it_listens() -> None:
     result = subprocess.run([*talkstream_command(), "serve", "--preset", "turbo"], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 2 and "unknown preset 'turbo'" in result.stderr and "serving" not in result.stderr
+
+
+async def test_an_unexpected_failure_is_a_json_500_and_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from server import make_app
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug in a handler")
+
+    app = make_app(ServerSettings())
+    app.router.add_get("/api/broken", broken)
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            answer = await http.get(str(test_server.make_url("/api/broken")))
+            assert answer.status == 500 and answer.content_type == "application/json"
+            body = await answer.json()
+            assert "GET /api/broken" in body["error"] and "Traceback" not in body["error"]
+            assert (await http.get(str(test_server.make_url("/healthz")))).status == 200   # and it goes on
+    finally:
+        await test_server.close()
+    assert any("a bug in a handler" in (record.exc_text or str(record.exc_info)) for record in caplog.records)
