@@ -1,12 +1,19 @@
-"""Argument types shared by the command line and the server: each turns a bad value into argparse's usage error
-(one line, exit 2) before any work starts."""
+"""Argument types and the parser shared by the command line and the server: each type turns a bad value into a usage
+error (one line, exit 2) before any work starts."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other user error: one `talkstream: error:` line and exit 2, not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"talkstream: error: {message} (see `{self.prog} --help`)\n")
 
 
 def positive(kind: type) -> Callable[[str], Any]:

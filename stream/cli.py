@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+from stream.arguments import Parser, existing_dir, positive, sizes
+from stream.errors import TalkstreamError
+from stream.presets import DEFAULT_PRESET
 
 EXAMPLES = """examples:
   talkstream render examples/astronaut.png examples/speech.wav -o talk.mp4
@@ -28,7 +34,9 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_PORTRAIT = EXAMPLES_DIR / "astronaut.png"
 EXAMPLE_SPEECH = EXAMPLES_DIR / "speech.wav"
 USER_ERROR = 2
-INTERRUPTED = 130
+INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a process ended by the signal
+STOPPED = 128 + signal.SIGTERM
+SERVER_PACKAGES = ("aiohttp", "aiortc")
 FILE_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "mkv", ".webm": "webm", ".nut": "nut",
                 ".y4m": "y4m", ".raw": "rawvideo", ".bgr": "rawvideo"}
 
@@ -40,12 +48,14 @@ def _set_thread_counts() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="talkstream", description="Streaming, real-time talking portraits: one portrait and speech in, "
-        "lip-synced video out as frames finish.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="talkstream", description="Streaming, real-time talking portraits: one portrait and speech "
+                    "in, lip-synced video out as frames finish.", epilog=EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     render = commands.add_parser("render", help="render a talking portrait to a file or a pipe",
+                                 description="Render a talking portrait: the portrait speaks the speech, into a "
+                                 "video file\nor, frame by frame as they finish, a pipe.",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     render.add_argument("portrait", help="portrait image (PNG, JPEG, WebP, ...)")
     render.add_argument("audio", help="speech: any file ffmpeg reads, or - for standard input (WAV, raw with --rate, "
@@ -56,108 +66,95 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output format (default: from the file name; nut for standard output)")
     _add_preset_options(render)
     render.add_argument("--rate", type=positive(int), metavar="HZ", help="standard input is raw s16le PCM at this "
-                        "rate")
+                        "rate (default: none; standard input is then WAV or a container)")
     render.add_argument("--channels", type=positive(int), default=1, help="channels of raw input (default: "
                         "%(default)s)")
     render.add_argument("--profile", action="store_true", help="print where the time went, per stage")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    commands.add_parser("presets", help="list the presets, one line each")
+    commands.add_parser("presets", help="list the presets, one line each",
+                        description="List the presets (speed tiers), one line each; the default is marked.")
 
-    bench = commands.add_parser("bench", help="measure fps, real-time factor, first-frame latency, per-stage ms")
+    bench = commands.add_parser("bench", help="measure fps, real-time factor, first-frame latency, per-stage ms",
+                                description="Benchmark the presets on the example portrait: fps, real-time factor, "
+                                "first-frame latency and milliseconds per stage, the median of warm runs.")
     bench.add_argument("--presets", default="ultra_fast,fast,balanced,quality",
                        help="comma-separated presets (default: %(default)s)")
     bench.add_argument("--seconds", type=positive(float), default=60.0, help="length of the long speech (default: "
                        "%(default)s)")
-    bench.add_argument("--runs", type=positive(int), default=3, help="warm runs per preset; the median is kept")
+    bench.add_argument("--runs", type=positive(int), default=3, help="warm runs per preset; the median is kept "
+                       "(default: %(default)s)")
     bench.add_argument("--backend", default="embedded", help="embedded or sadtalker (default: %(default)s)")
-    bench.add_argument("--checkpoints", type=Path, metavar="DIR", help="SadTalker's checkpoint folder (sadtalker)")
+    bench.add_argument("--checkpoints", type=existing_dir, metavar="DIR", help="SadTalker's checkpoint folder "
+                       "(sadtalker) and the neural enhancers' weights (default: none)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one preset value in every benchmarked preset (repeatable)")
+                       help="override one preset value in every benchmarked preset (repeatable; default: none)")
     bench.add_argument("--enhancers", default="", metavar="NAMES", help="also time these enhancers alone on the "
                        "example face (e.g. light,gfpgan; the neural ones need --checkpoints DIR); --presets '' "
-                       "times only them")
+                       "times only them (default: none)")
     bench.add_argument("--live", type=positive(int), metavar="SESSIONS", help="instead: that many WebRTC peers "
                        "on loopback against a server process, speaking for --seconds (e.g. --live 4 --seconds 15 "
-                       "--presets ultra_fast)")
-    bench.add_argument("--latency-ms", type=float, help="with --live: the sessions' latency (default: the "
+                       "--presets ultra_fast) (default: none, file renders)")
+    bench.add_argument("--latency-ms", type=positive(float), help="with --live: the sessions' latency (default: the "
                        "preset's own)")
     bench.add_argument("--codec", choices=("VP8", "H264"), default="VP8", help="with --live: the video codec "
                        "(default: %(default)s)")
     bench.add_argument("--portrait", type=Path, default=EXAMPLE_PORTRAIT, help="the portrait of the enhancer "
                        "timing (default: the example)")
-    bench.add_argument("--batches", type=_sizes, default="1,4", metavar="SIZES",
+    bench.add_argument("--batches", type=sizes, default="1,4", metavar="SIZES",
                        help="batch sizes of the enhancer timing (default: %(default)s)")
     bench.add_argument("--cpu", type=int, metavar="N", help="pin the whole process to CPU N: the one-core figure "
                        "(without it, CPU time per frame includes what a second, shared core costs); with --live, "
-                       "the server alone, the peers on the other CPUs")
-    bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+                       "the server alone, the peers on the other CPUs (default: not pinned)")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON (default: none)")
     bench.add_argument("-v", "--verbose", action="store_true", help="debug lines")
 
     commands.add_parser("serve", help="the live avatar server: a browser page and a JSON API over WebRTC (see "
-                        "`talkstream serve --help`)", add_help=False)
+                        "`talkstream serve --help`)", description="The live avatar server (it parses its own "
+                        "options: see `talkstream serve --help`).", add_help=False)
 
-    doctor = commands.add_parser("doctor", help="check dependencies, threads, landmark model; render 1 s")
-    doctor.add_argument("--checkpoints", type=Path, metavar="DIR", help="also check model checkpoints in DIR")
+    doctor = commands.add_parser("doctor", help="check dependencies, threads, landmark model; render 1 s",
+                                 description="Check what talkstream needs (packages, programs, threads, device, "
+                                 "landmark model), say how to fix what is missing, and render one second.")
+    doctor.add_argument("--checkpoints", type=existing_dir, metavar="DIR", help="also check the model files in DIR "
+                        "(default: none, not checked)")
     doctor.add_argument("-v", "--verbose", action="store_true", help="debug lines (e.g. what a checkpoint holds)")
     return parser
 
 
-def positive(kind: type) -> Callable[[str], Any]:
-    """An argparse type for numbers above zero (argparse turns the ValueError into a usage error, exit 2)."""
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise ValueError(text)
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-def _sizes(text: str) -> list[int]:
-    """An argparse type for a comma-separated list of positive integers."""
-    sizes = [int(part) for part in text.split(",") if part.strip()]
-    if not sizes or min(sizes) <= 0:
-        raise ValueError(text)
-    return sizes
-
-
 def _add_preset_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="balanced", help="speed tier (see `talkstream presets`; default: "
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help="speed tier (see `talkstream presets`; default: "
                         "%(default)s)")
     parser.add_argument("--backend", default="embedded", help="animation backend: embedded (no weights) or "
                         "sadtalker (SadTalker's checkpoints; needs the [sadtalker] extra) (default: %(default)s)")
-    parser.add_argument("--checkpoints", type=Path, metavar="DIR", help="the folder with the official model files: "
-                        "SadTalker's (SadTalker_V0.0.2_256.safetensors, mapping_00229-model.pth.tar, ...) and the "
-                        "enhancers' (GFPGANv1.4.pth, RestoreFormer.pth; also in DIR/gfpgan/weights)")
+    parser.add_argument("--checkpoints", type=existing_dir, metavar="DIR", help="the folder with the official model "
+                        "files: SadTalker's (SadTalker_V0.0.2_256.safetensors, mapping_00229-model.pth.tar, ...) and "
+                        "the enhancers' (GFPGANv1.4.pth, RestoreFormer.pth; also in DIR/gfpgan/weights) (default: "
+                        "none)")
     parser.add_argument("--enhancer", choices=("none", "light", "gfpgan", "restoreformer", "best"),
                         help="face enhancer, instead of the preset's (gfpgan and restoreformer need their weights "
-                        "in --checkpoints DIR and cost seconds a frame without a GPU)")
+                        "in --checkpoints DIR and cost seconds a frame without a GPU) (default: the preset's)")
     parser.add_argument("--strict", action="store_true", help="a missing enhancer file is an error, not a fallback")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one preset value, e.g. --set blend.mode=feather (repeatable)")
+                        help="override one preset value, e.g. --set blend.mode=feather (repeatable; default: none)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug lines (e.g. what a checkpoint holds)")
-    parser.add_argument("--seed", type=int, help="seed of blinks and head motion")
+    parser.add_argument("--seed", type=int, help="seed of blinks and head motion (default: the backend's seed in "
+                        "presets.toml)")
     parser.add_argument("--still", action="store_true", help="no head motion")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     _set_thread_counts()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:  # the server parses its own options
-        import server
-
-        return server.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    from stream.errors import TalkstreamError
-
-    if getattr(args, "verbose", False):
-        import logging
-
-        logging.basicConfig(level=logging.DEBUG, format="talkstream: %(name)s: %(message)s")
-
     try:
+        if argv[:1] == ["serve"]:  # the server parses its own options and handles its own signals
+            return _import_server().main(argv[1:])
+        args = build_parser().parse_args(argv)
+        _unwind_on_stop_signals()
+        if getattr(args, "verbose", False):
+            import logging
+
+            logging.basicConfig(level=logging.DEBUG, format="talkstream: %(name)s: %(message)s")
         if args.command == "render":
             return _render(args)
         if args.command == "presets":
@@ -168,9 +165,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TalkstreamError as error:
         print(f"talkstream: error: {error}", file=sys.stderr)
         return USER_ERROR
-    except KeyboardInterrupt:
-        print("talkstream: interrupted; no output was kept", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as interruption:
+        stopped = isinstance(interruption, Stopped)
+        print(f"talkstream: {'stopped' if stopped else 'interrupted'}; no output was kept", file=sys.stderr)
+        return STOPPED if stopped else INTERRUPTED
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised wherever the main thread is, so that `kill` unwinds through the cleanup Ctrl-C runs (the
+    temporary output removed); a KeyboardInterrupt, so that asyncio lets it through as it lets Ctrl-C."""
+
+
+def _unwind_on_stop_signals() -> None:
+    """Ctrl-C raises KeyboardInterrupt even when a shell started us in the background with SIGINT ignored, and
+    SIGTERM raises Stopped."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop)
+
+
+def _stop(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once, cleanup or not
+    raise Stopped
+
+
+def _import_server() -> ModuleType:
+    """The server module; its packages missing (core dependencies) are an incomplete install, said in one line."""
+    try:
+        import server
+    except ImportError as error:
+        package = (error.name or "").partition(".")[0]
+        if package not in SERVER_PACKAGES:
+            raise
+        raise TalkstreamError(f"the live server needs {package}, which is not installed: pip install -e .") from error
+    return server
 
 
 def run_async(coroutine):  # type: ignore[no-untyped-def]
@@ -200,8 +227,8 @@ def _presets() -> int:
 
     book = PresetBook()
     for name in book.names:
-        marker = " (default)" if name == "balanced" else ""
-        print(f"{name:<11} {book.description(name)}{marker}")
+        marker = "(default) " if name == DEFAULT_PRESET else ""
+        print(f"{name:<11} {marker}{book.description(name)}")
     return 0
 
 
@@ -251,10 +278,10 @@ def _render(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.live:
-        import server
         from stream import bench as bench_output
 
         preset = args.presets.split(",")[0].strip() or "ultra_fast"
+        server = _import_server()
         report = run_async(server.bench_live(args.live, args.seconds, preset, print, latency_ms=args.latency_ms,
                                              codec=args.codec, server_cpu=args.cpu))
         if args.json:
@@ -302,8 +329,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     log = print
     pinned = f", pinned to CPU {args.cpu}" if args.cpu is not None else ""
-    log(f"talkstream bench: {args.backend} backend, presets {', '.join(names)}, {args.runs} warm runs each, "
-        f"one thread per library{pinned}")
+    runs = f"{args.runs} warm run{'s' if args.runs > 1 else ''}"
+    log(f"talkstream bench: {args.backend} backend, presets {', '.join(names)}, {runs} each, one thread per "
+        f"library{pinned}")
     with tempfile.TemporaryDirectory(prefix="talkstream-bench-") as scratch:
         long_speech = Path(scratch) / "long.wav"
         _write_wav(long_speech, np.resize(speech, round(args.seconds * rate)), rate)
@@ -335,7 +363,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _enhancer_timing(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from stages.session import Avatar, enhancer_benchmark
 
-    avatar = Avatar.prepare(args.portrait, preset="balanced", overrides=[*args.overrides,
+    avatar = Avatar.prepare(args.portrait, preset=DEFAULT_PRESET, overrides=[*args.overrides,
                             f"enhance.enhancer={name.strip()}"], checkpoints=args.checkpoints, strict=True)
     timing = enhancer_benchmark(avatar, args.batches)
     width, height = timing["roi_px"]
@@ -354,7 +382,7 @@ def _doctor(args: argparse.Namespace) -> int:
     from stream import doctor
 
     cv2.setNumThreads(1)
-    checks = doctor.package_checks()
+    checks = doctor.package_checks() + doctor.program_checks()
     checks += [doctor.thread_check(cv2.getNumThreads()), doctor.device_check()]
     from stages.portrait import DlibDetector
 
@@ -384,7 +412,6 @@ def _smoke_render(tempfile, time):  # type: ignore[no-untyped-def]
     from stages.session import Avatar, render
     from stages.sinks import open_sink
     from stream import doctor
-    from stream.errors import TalkstreamError
 
     try:
         with tempfile.TemporaryDirectory(prefix="talkstream-doctor-") as scratch:

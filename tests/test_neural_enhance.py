@@ -211,7 +211,8 @@ def test_presets_get_the_enhancer_their_weights_allow(tmp_path: Path) -> None:
     assert choose("best", None) == ("light", None)
     assert "RestoreFormer.pth or GFPGANv1.4.pth" in notices.pop()
     assert choose("gfpgan", empty) == ("light", None) and "GFPGANv1.4.pth" in notices.pop()
-    with pytest.raises(CheckpointError, match=r"RestoreFormer\.pth .* is not in .*download_models\.sh"):
+    with pytest.raises(CheckpointError, match=r"^the restoreformer enhancer needs RestoreFormer\.pth, which is not in "
+                       r"[^;]*GFPGAN's v1\.3\.4 release files\)$"):
         choose("best", gfpgan_only, strict=True)
     with pytest.raises(CheckpointError, match=r"GFPGANv1\.4\.pth"):
         choose("gfpgan", empty, strict=True)

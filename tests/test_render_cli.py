@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import PORTRAIT, ROOT, SPEECH, run_cli, speech_clip
+from tests.conftest import PORTRAIT, ROOT, SPEECH, run_cli, speech_clip, stop
+from tests.test_bad_input import environment_without
 
 FPS = 25
 
@@ -181,26 +183,46 @@ def test_converting_only_the_changed_region_gives_the_same_picture():
         assert np.array_equal(damage.convert(frame), whole.convert(VideoFrame(frame.index, frame.image, frame.speech)))
 
 
-def test_ctrl_c_leaves_no_output_behind(tmp_path: Path):
-    import signal
-
-    long_speech = tmp_path / "long.wav"
+def stop_a_long_render(folder: Path, signum: int, *, sigint_ignored: bool = False,
+                       without_uvloop: bool = False) -> tuple[int, str]:
+    """Start a long render into `folder`, send `signum` once its temporary file is there: the exit status and what
+    the render printed. `sigint_ignored`: started as a shell starts a background job, with SIGINT ignored;
+    `without_uvloop`: on asyncio's own event loop."""
+    long_speech = folder / "long.wav"
     samples, rate = np.frombuffer(SPEECH.read_bytes()[44:], "<i2"), 22050
     with wave.open(str(long_speech), "wb") as wav:
         wav.setnchannels(1), wav.setsampwidth(2), wav.setframerate(rate)
         wav.writeframes(np.tile(samples, 20).tobytes())
-    out = tmp_path / "long.mp4"
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+    environment = environment_without(("uvloop",), folder / "hidden") if without_uvloop else None
     process = subprocess.Popen([sys.executable, "-m", "stream.cli", "render", str(PORTRAIT), str(long_speech),
-                                "-o", str(out), "--preset", "quality"], cwd=ROOT, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".long.mp4.*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert list(tmp_path.glob(".long.mp4.*")), "the render never started writing"
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(30) == 130
-    assert "interrupted" in process.stderr.read().decode()
-    assert not out.exists() and not list(tmp_path.glob(".long.mp4*"))
+                                "-o", str(folder / "long.mp4"), "--preset", "quality"], cwd=ROOT,
+                               stderr=subprocess.PIPE, env=environment, preexec_fn=ignore_sigint)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(folder.glob(".long.mp4.*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(folder.glob(".long.mp4.*")), "the render never started writing"
+        time.sleep(0.5)
+        process.send_signal(signum)
+        status = process.wait(30)
+        return status, process.stderr.read().decode()
+    finally:
+        stop(process)
+
+
+@pytest.mark.parametrize("signum, sigint_ignored, without_uvloop, status, word", [
+    (signal.SIGINT, False, False, 130, "interrupted"),
+    (signal.SIGINT, True, False, 130, "interrupted"),    # `sh -c 'talkstream render ... &'`: Ctrl-C must still work
+    (signal.SIGTERM, False, False, 143, "stopped"),
+    (signal.SIGTERM, False, True, 143, "stopped"),
+], ids=["ctrl-c", "ctrl-c-in-a-background-job", "sigterm", "sigterm-on-asyncio"])
+def test_a_stopped_render_leaves_no_output_behind(tmp_path: Path, signum: int, sigint_ignored: bool,
+                                                  without_uvloop: bool, status: int, word: str):
+    exit_status, stderr = stop_a_long_render(tmp_path, signum, sigint_ignored=sigint_ignored,
+                                             without_uvloop=without_uvloop)
+    assert exit_status == status and f"talkstream: {word}; no output was kept" in stderr, stderr
+    assert not (tmp_path / "long.mp4").exists() and not list(tmp_path.glob(".long.mp4*"))
 
 
 def test_help_answers_without_loading_media_libraries():

@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     import torch
 
 FACE_SIZE_PX = 512
-DOWNLOAD_HINT = ("SadTalker's scripts/download_models.sh puts GFPGANv1.4.pth in its ./gfpgan/weights/ folder; "
-                 "RestoreFormer.pth is among GFPGAN's release files (v1.3.4)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +29,17 @@ class RestorerKind:
     name: str
     file: str
     description: str
+    source: str  # where the official file comes from
 
 
 RESTORERS = {
-    "gfpgan": RestorerKind("gfpgan", "GFPGANv1.4.pth", "GFPGAN v1.4 (clean architecture)"),
-    "restoreformer": RestorerKind("restoreformer", "RestoreFormer.pth", "RestoreFormer"),
+    "gfpgan": RestorerKind("gfpgan", "GFPGANv1.4.pth", "GFPGAN v1.4 (clean architecture)",
+                           "SadTalker's scripts/download_models.sh puts GFPGANv1.4.pth in its ./gfpgan/weights/ "
+                           "folder"),
+    "restoreformer": RestorerKind("restoreformer", "RestoreFormer.pth", "RestoreFormer",
+                                  "RestoreFormer.pth is among GFPGAN's v1.3.4 release files"),
 }
+DOWNLOAD_HINT = "; ".join(kind.source for kind in RESTORERS.values())
 
 
 def find_restorer(name: str, directory: str | Path | None) -> Path | None:
@@ -104,8 +107,10 @@ def restore(network: Any, faces: torch.Tensor) -> torch.Tensor:
 
 
 def missing_restorer_error(name: str, directory: str | Path | None) -> CheckpointError:
-    where = f"in {directory}" if directory else "(no --checkpoints DIR given)"
-    return CheckpointError(f"{RESTORERS[name].file} (the {name} enhancer's weights) is not {where}; {DOWNLOAD_HINT}")
+    """The enhancer asked for has no weights: name that one file and where it comes from, no other."""
+    kind = RESTORERS[name]
+    where = f"which is not in {directory}" if directory else "and no --checkpoints DIR was given"
+    return CheckpointError(f"the {name} enhancer needs {kind.file}, {where} ({kind.source})")
 
 
 def describe_restorers(directory: str | Path) -> list[tuple[str, bool, str, str]]:
