@@ -54,7 +54,7 @@ from aiortc.mediastreams import MediaStreamError
 from av.frame import Frame
 
 from stages.session import LIVE_RATES_HZ, Avatar, LiveSession, load_preset
-from stream.arguments import existing_dir, port, positive
+from stream.arguments import Parser, existing_dir, port, positive
 from stream.errors import TalkstreamError
 
 LOG = logging.getLogger("talkstream.server")
@@ -781,9 +781,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 def build_parser() -> argparse.ArgumentParser:
     """`talkstream serve`'s options; every default is the one `ServerSettings` holds (`settings_from` builds it)."""
     defaults = ServerSettings()
-    parser = argparse.ArgumentParser(prog="talkstream serve", description="The live avatar server: open "
-                                     "http://HOST:PORT/ in a browser, or drive it through its JSON API.",
-                                     epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="talkstream serve", description="The live avatar server: open http://HOST:PORT/ in a "
+                    "browser, or drive it through its JSON API.", epilog=SERVE_EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=defaults.host, help="address to bind; off loopback, browsers need HTTPS "
                         "for the microphone (default: %(default)s)")
     parser.add_argument("--port", type=port, default=defaults.port, help="(default: %(default)s)")

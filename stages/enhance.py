@@ -355,8 +355,10 @@ def _cuda_available() -> bool:
     drivers = ("/proc/driver/nvidia/version", "/dev/kfd")  # NVIDIA's driver; AMD's, for ROCm builds of torch
     if sys.platform.startswith("linux") and not any(Path(driver).exists() for driver in drivers):
         return False
-    import torch
-
+    try:
+        import torch
+    except ImportError:   # a GPU driver but no torch: the neural enhancers cannot run, light can
+        return False
     return torch.cuda.is_available()
 
 

@@ -79,6 +79,16 @@ def sadtalker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_official_files(tmp_path_factory.mktemp("sadtalker") / "checkpoints")
 
 
+def environment_without(packages: tuple[str, ...], hidden: Path) -> dict[str, str]:
+    """The environment of a talkstream process in which importing each of `packages` fails as it does when the
+    package is not installed (stand-ins in `hidden`, first on the path)."""
+    for package in packages:
+        (hidden / package).mkdir(parents=True)
+        (hidden / package / "__init__.py").write_text(
+            f"raise ModuleNotFoundError({f'No module named {package!r}'!r}, name={package!r})\n")
+    return {**os.environ, "PYTHONPATH": f"{hidden}{os.pathsep}{ROOT}"}
+
+
 def free_port() -> int:
     import socket
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 import wave
@@ -13,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import PORTRAIT, ROOT, SPEECH, run_cli
+from tests.conftest import PORTRAIT, ROOT, SPEECH, environment_without, run_cli
 
 
 def assert_user_error(result, output: Path, *words: str) -> None:
@@ -114,16 +113,6 @@ def test_output_that_cannot_be_written(tmp_path: Path):
 
 def test_unknown_preset(out: Path):
     assert_user_error(run_cli("render", PORTRAIT, SPEECH, "-o", out, "--preset", "x"), out, "unknown preset 'x'")
-
-
-def environment_without(packages: tuple[str, ...], hidden: Path) -> dict[str, str]:
-    """The environment of a talkstream process in which importing each of `packages` fails as it does when the
-    package is not installed (stand-ins in `hidden`, first on the path)."""
-    for package in packages:
-        (hidden / package).mkdir(parents=True)
-        (hidden / package / "__init__.py").write_text(
-            f"raise ModuleNotFoundError({f'No module named {package!r}'!r}, name={package!r})\n")
-    return {**os.environ, "PYTHONPATH": f"{hidden}{os.pathsep}{ROOT}"}
 
 
 def run_cli_without(packages: tuple[str, ...], hidden: Path, *args: str | Path) -> subprocess.CompletedProcess[bytes]:

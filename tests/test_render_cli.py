@@ -16,8 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import PORTRAIT, ROOT, SPEECH, run_cli, speech_clip, stop
-from tests.test_bad_input import environment_without
+from tests.conftest import PORTRAIT, ROOT, SPEECH, environment_without, run_cli, speech_clip, stop
 
 FPS = 25
 
