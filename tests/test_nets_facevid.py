@@ -26,7 +26,8 @@ from stages.nets.mapping import HeadMotion, MappingNet, keypoint_transformation 
 from tests.sadtalker_files import PREFIXES, REFERENCE, inventory, random_sections, unprefixed  # noqa: E402
 
 PARITY = 1e-4  # of the reference's largest magnitude (spec rule)
-CACHING = 1e-5  # absolute, fp32: caching and batching must not change the function
+CACHING = 5e-5  # absolute, fp32 (1/80 of a grey level): caching and batching must not change the function; a
+# batch of 3 sums in another order than 3 of 1 (1.6e-5 seen on this CPU)
 # oneDNN picks its convolution kernels by batch size and memory layout: their 1-ulp differences, amplified by the
 # random weights' warp and decoder, reach 2.4e-5 (batch 3 vs 1) and 7.7e-5 (channels_last) at 128x128. PyTorch's
 # own kernels compute every frame alike whatever the batch, so the batching check runs on them (difference 0.0);

@@ -245,13 +245,14 @@ def test_a_standard_face_lands_on_the_standard_points(scale: float):
 
 
 def test_a_cut_past_the_top_left_corner_is_zero_filled_and_truncated_towards_zero():
-    """Upstream's arithmetic by hand: exact fit (t = the centre, y up; s = 102 / 100), integer sizes, offsets
+    """Upstream's arithmetic by hand: exact fit (t = the centre, y up; s = 102 / 99: 102 / 100 would put the scaled
+    width exactly on an integer, where the fit's last bit decides int()), integer sizes, offsets
     truncated towards zero (here negative, so a floor would move the picture by a pixel)."""
     width, height, centre = 200, 220, (60.3, 70.6)
-    landmarks = standard_face(centre, 100.0)
+    landmarks = standard_face(centre, 99.0)
     image = blob_image(five_points(landmarks), (height, width))
     aligned, trans_params = align_to_224(image, landmarks)
-    scale = 102 / 100
+    scale = 102 / 99
     scaled_width, scaled_height = int(width * scale), int(height * scale)
     left = int(scaled_width / 2 - 112 + (centre[0] - width / 2) * scale)
     up = int(scaled_height / 2 - 112 + (height / 2 - (height - 1 - centre[1])) * scale)
