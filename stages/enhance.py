@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import cv2
 import numpy as np
 
-from stages.sadtalker_crop import five_points
+from stages.portrait import five_points
 from stream.errors import PresetError
 
 if TYPE_CHECKING:

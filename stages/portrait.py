@@ -268,3 +268,9 @@ def default_cache_dir() -> Path:
     if explicit := os.environ.get("TALKSTREAM_CACHE"):
         return Path(explicit)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "talkstream"
+
+
+def five_points(landmarks68: np.ndarray) -> np.ndarray:
+    """(5, 2) float64: left eye, right eye, nose tip, left and right mouth corner, as Deep3DFaceRecon reduces 68."""
+    points = np.asarray(landmarks68, np.float64)
+    return np.stack([(points[36] + points[39]) / 2, (points[42] + points[45]) / 2, points[30], points[48], points[54]])

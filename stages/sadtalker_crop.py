@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from stages.portrait import five_points
+
 CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")
 # Upstream's `xsize`: it only decides when a huge face makes the image shrink first (quad >= 4 * 512 px).
 QUAD_REFERENCE_SIZE_PX = 512
@@ -171,12 +173,6 @@ def _unshrink(box: tuple[int, int, int, int], resized_wh: tuple[int, int], width
     """A box in the shrunk image, in original-image pixels."""
     fx, fy = width / resized_wh[0], height / resized_wh[1]
     return round(box[0] * fx), round(box[1] * fy), min(round(box[2] * fx), width), min(round(box[3] * fy), height)
-
-
-def five_points(landmarks68: np.ndarray) -> np.ndarray:
-    """(5, 2) float64: left eye, right eye, nose tip, left and right mouth corner, as Deep3DFaceRecon reduces 68."""
-    points = np.asarray(landmarks68, np.float64)
-    return np.stack([(points[36] + points[39]) / 2, (points[42] + points[45]) / 2, points[30], points[48], points[54]])
 
 
 def pos_similarity(points2d: np.ndarray, points3d: np.ndarray) -> tuple[np.ndarray, float]:
