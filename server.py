@@ -1,4 +1,5 @@
-"""The live avatar server: aiohttp + aiortc. One session = one avatar + one live session + one peer connection.
+"""The live avatar server: the HTTP app (aiohttp) in front of WebRTC peers (`stages.webrtc`, on aiortc). One session
+= one avatar + one live session + one peer connection.
 
     python server.py [--host 127.0.0.1] [--port 8080] [--token SECRET] [--preset fast]
     talkstream serve ...        (the same)
@@ -13,47 +14,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
-import ipaddress
-import json
 import logging
 import os
-import re
 import secrets
 import socket
 import struct
 import sys
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
-import av
 import cv2
 import numpy as np
 from aiohttp import WSMsgType, web
-from aiortc import (
-    MediaStreamTrack,
-    RTCConfiguration,
-    RTCIceServer,
-    RTCPeerConnection,
-    RTCRtpCodecParameters,
-    RTCRtpSender,
-    RTCSessionDescription,
-)
-from aiortc.codecs.base import Encoder
-from aiortc.codecs.h264 import H264Encoder
-from aiortc.codecs.vpx import Vp8Encoder
-from aiortc.exceptions import OperationError
-from aiortc.mediastreams import MediaStreamError
-from av.frame import Frame
 
 from stages.session import LIVE_RATES_HZ, Avatar, LiveSession, load_preset
+from stages.webrtc import BadOffer, WebRtcPeer, is_loopback, restrict_ice_to, use_live_encoders
 from stream.arguments import Parser, existing_dir, port, positive
 from stream.errors import TalkstreamError
 
@@ -61,7 +40,6 @@ LOG = logging.getLogger("talkstream.server")
 SERVER_FILE = Path(__file__).resolve()
 EXAMPLES = {"astronaut": SERVER_FILE.parent / "examples" / "astronaut.png"}
 PAGE_DIR = SERVER_FILE.parent / "stages" / "page"   # the page's HTML, script, style and icon
-VIDEO_CLOCK_HZ = 90000
 MAX_SIDE_PX = 720    # live video stays within 720p: encoders keep up, and H.264's advertised level 3.1 holds
 TOKEN_VARIABLE = "TALKSTREAM_TOKEN"
 
@@ -101,209 +79,28 @@ class ApiError(Exception):
         self.status = status
 
 
-# ------------------------------------------------------------------------------------------------------- tracks
-
-
-class PacedVideoTrack(MediaStreamTrack):
-    """The face, one frame per slot at the session clock's deadlines: pts +3600 at 90 kHz per frame at 25 fps."""
-
-    kind = "video"
-
-    def __init__(self, live: LiveSession) -> None:
-        super().__init__()
-        self.live = live
-        self.slot = 0
-        self.step = int(VIDEO_CLOCK_HZ / live.timing.fps)
-        self.sent_at: deque[float] = deque(maxlen=int(live.timing.fps) + 1)   # the last second's frames
-
-    async def recv(self) -> av.VideoFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        image, _ = await self.live.next_video(self.slot)
-        # wrapped, not copied (8 us against 130 on the event loop); each frame is a fresh array nobody writes to
-        frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(image), format="bgr24")
-        frame.pts = self.slot * self.step
-        frame.time_base = Fraction(1, VIDEO_CLOCK_HZ)
-        self.slot += 1
-        self.sent_at.append(time.monotonic())
-        return frame
-
-    @property
-    def fps(self) -> float:
-        """Frames handed to the encoder per second, over the last second."""
-        span = self.sent_at[-1] - self.sent_at[0] if len(self.sent_at) > 1 else 0.0
-        return (len(self.sent_at) - 1) / span if span else 0.0
-
-
-class PacedAudioTrack(MediaStreamTrack):
-    """The voice, 20 ms at 48 kHz per packet at the same clock's deadlines, silence when nobody speaks.
-
-    Encoded here, as mono Opus: under 0.2 ms a packet, less than what aiortc spends on a raw frame (a thread hop,
-    resampling to stereo, and a level meter in pure Python: 0.4 ms of it on the event loop). The peer must accept
-    Opus, which `offer` makes the only audio codec.
-    """
-
-    kind = "audio"
-    BITRATE = 48000   # ample for one voice
-
-    def __init__(self, live: LiveSession) -> None:
-        super().__init__()
-        self.live = live
-        self.block = 0
-        rate = live.timing.rate_hz
-        self.opus = av.CodecContext.create("libopus", "w")
-        self.opus.format, self.opus.layout, self.opus.sample_rate = "s16", "mono", rate
-        self.opus.bit_rate = self.BITRATE
-        self.opus.time_base = Fraction(1, rate)
-        # complexity 5 of 10: 0.18 ms a packet of speech against 0.27, on the event loop; no audible loss for a voice
-        self.opus.options = {"application": "voip", "compression_level": "5"}
-
-    async def recv(self) -> av.Packet:
-        if self.readyState != "live":
-            raise MediaStreamError
-        samples = await self.live.next_audio(self.block)
-        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
-        frame.sample_rate = self.live.timing.rate_hz
-        frame.pts = self.block * len(samples)
-        (packet,) = self.opus.encode(frame)  # one 20 ms frame in, one packet out
-        packet.pts, packet.time_base = frame.pts, self.opus.time_base
-        self.block += 1
-        return packet
-
-
-# ------------------------------------------------------------------------------------------------------- encoders
-
-
-def _i420(frame: av.VideoFrame) -> av.VideoFrame:
-    """The frame as yuv420p, converted by OpenCV (about 3x cheaper than the swscale call aiortc would make)."""
-    if frame.format.name == "yuv420p":
-        return frame
-    converted = av.VideoFrame.from_ndarray(cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_BGR2YUV_I420),
-                                           format="yuv420p")
-    converted.pts, converted.time_base = frame.pts, frame.time_base
-    return converted
-
-
-def _needs_new_context(codec: av.VideoCodecContext | None, frame: av.VideoFrame, bitrate: int) -> bool:
-    """aiortc's own rule for reopening an encoder: a new size, or the bitrate off by more than 10 %."""
-    return (codec is None or (codec.width, codec.height) != (frame.width, frame.height)
-            or abs(bitrate - codec.bit_rate) / codec.bit_rate > 0.1)
-
-
-def _video_context(name: str, frame: av.VideoFrame, bitrate: int, options: dict[str, str]) -> av.VideoCodecContext:
-    codec = av.CodecContext.create(name, "w")
-    codec.width, codec.height = frame.width, frame.height
-    codec.bit_rate = bitrate
-    codec.pix_fmt = "yuv420p"
-    codec.time_base = Fraction(1, VIDEO_CLOCK_HZ)
-    codec.thread_count = 1   # one thread per encoder: libvpx with two collapses on a busy core (cpu-limits.md)
-    codec.options = options
-    return codec
-
-
-class LiveVp8Encoder(Vp8Encoder):
-    """aiortc's VP8 packetiser over an encoder set for rendered faces: libvpx's fastest real-time speed and no
-    denoiser (rendered frames carry no sensor noise): 1.2-1.6 ms a 512² frame against 2.9 with aiortc's settings,
-    and a higher PSNR at the same bitrate."""
-
-    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
-        frame = _i420(frame)
-        bitrate = self.target_bitrate
-        if _needs_new_context(self.codec, frame, bitrate):
-            self.codec = _video_context("libvpx", frame, bitrate, {
-                "deadline": "realtime", "cpu-used": "16", "noise-sensitivity": "0", "lag-in-frames": "0",
-                "static-thresh": "1",
-                # constant bitrate with a one-second buffer: what congestion control asks for is what goes out
-                "minrate": str(bitrate), "maxrate": str(bitrate), "bufsize": str(bitrate),
-                "undershoot-pct": "100", "overshoot-pct": "15"})
-            self.codec.gop_size = 10 * 25   # a receiver that missed a keyframe request recovers within 10 s
-        return super().encode(frame, force_keyframe)
-
-
-class LiveH264Encoder(H264Encoder):
-    """aiortc's H.264 packetiser over x264 at its ultrafast preset (aiortc's own runs the medium preset: 3.3x the
-    CPU per frame, cpu-limits.md), zero latency, Baseline at level 3.1 as aiortc advertises."""
-
-    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
-        frame = _i420(frame)
-        if _needs_new_context(self.codec, frame, self.target_bitrate):
-            self.buffer_data, self.buffer_pts = b"", None
-            self.codec = _video_context("libx264", frame, self.target_bitrate,
-                                        {"preset": "ultrafast", "tune": "zerolatency", "level": "31"})
-            self.codec.framerate = Fraction(25)
-            self.codec.profile = "Baseline"
-        return super().encode(frame, force_keyframe)
-
-
-def use_live_encoders() -> None:
-    """Make aiortc's senders encode VP8 and H.264 with the encoders above (other codecs as before). Done when the
-    server starts, never at import."""
-    import aiortc.rtcrtpsender
-
-    stock = aiortc.rtcrtpsender.get_encoder
-    if getattr(stock, "live", False):
-        return
-    live_encoders = {"video/vp8": LiveVp8Encoder, "video/h264": LiveH264Encoder}
-
-    def get_encoder(codec: RTCRtpCodecParameters) -> Encoder:
-        make = live_encoders.get(codec.mimeType.lower())
-        return make() if make is not None else stock(codec)
-
-    get_encoder.live = True  # type: ignore[attr-defined]
-    aiortc.rtcrtpsender.get_encoder = get_encoder
-
-
-# ------------------------------------------------------------------------------------------------------- sessions
-
-
 class LiveAvatarSession:
-    """One avatar, its live session and (once offered) its peer connection; `close()` ends all of it."""
+    """One avatar, its live session and (once offered) its WebRTC peer; `close()` ends all of it."""
 
     def __init__(self, session_id: str, avatar: Avatar, live: LiveSession) -> None:
         self.id = session_id
         self.avatar = avatar
         self.live = live
-        self.pc: RTCPeerConnection | None = None
-        self.video: PacedVideoTrack | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.peer: WebRtcPeer | None = None
         self.last_activity = time.monotonic()
         self.last_packets = -1
-        self.packets_lost = 0           # what the peer reports (RTCP receiver reports)
-        self.round_trip_s = 0.0
         self.closed = False
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
-    def spawn(self, coroutine: Awaitable[None], name: str) -> None:
-        task = asyncio.ensure_future(coroutine)
-        task.set_name(f"{name}-{self.id}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for task in list(self.tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
-        await asyncio.gather(*(task for task in self.tasks if task is not asyncio.current_task()),
-                             return_exceptions=True)
-        if self.pc is not None:
-            await self.pc.close()
+        if self.peer is not None:
+            await self.peer.close()
         await self.live.aclose()
-
-    async def read_stats(self) -> int:
-        """RTP and RTCP packets the peer sent so far (its receiver reports keep coming while it watches); notes
-        what its reports say of our streams: packets lost, round-trip time."""
-        if self.pc is None:
-            return 0
-        report = (await self.pc.getStats()).values()
-        remote = [stats for stats in report if stats.type == "remote-inbound-rtp"]
-        self.packets_lost = sum(stats.packetsLost or 0 for stats in remote)
-        self.round_trip_s = max((stats.roundTripTime or 0.0 for stats in remote), default=0.0)
-        return sum(getattr(stats, "packetsReceived", 0) or 0 for stats in report if stats.type == "transport")
 
 
 class Server:
@@ -373,11 +170,11 @@ class Server:
     async def _check(self, session: LiveAvatarSession) -> None:
         limits = self.settings.limits
         now = time.monotonic()
-        pc = session.pc
-        if pc is not None and pc.connectionState in ("failed", "closed"):
+        peer = session.peer
+        if peer is not None and peer.state in ("failed", "closed"):
             await self.close(session.id)
-        elif pc is not None and pc.connectionState == "connected":
-            packets = await session.read_stats()
+        elif peer is not None and peer.state == "connected":
+            packets = await peer.read_stats()
             if packets != session.last_packets:
                 session.last_packets = packets
                 session.touch()
@@ -419,37 +216,23 @@ async def create_session(request: web.Request) -> web.Response:
 async def offer(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     session = server.get(request.match_info["id"])
-    if session.pc is not None:
+    if session.peer is not None:
         raise ApiError(409, "this session already has a peer connection; open a new session")
     try:
         body = await request.json()
-        description = RTCSessionDescription(sdp=str(body["sdp"]), type=str(body["type"]))
+        sdp, kind = str(body["sdp"]), str(body["type"])
     except (ValueError, KeyError, TypeError):
         raise ApiError(400, 'an offer is JSON: {"sdp": "...", "type": "offer"}') from None
-    if description.type != "offer" or "m=" not in description.sdp:
+    if kind != "offer" or "m=" not in sdp:
         raise ApiError(400, "not an SDP offer")
     settings = server.settings
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(url) for url in settings.ice_servers]))
-    session.pc = pc
-    audio_sender = pc.addTrack(PacedAudioTrack(session.live))
-    session.video = PacedVideoTrack(session.live)
-    video_sender = pc.addTrack(session.video)
-    _prefer(pc, video_sender, settings.video_codec, only=False)
-    _prefer(pc, audio_sender, "opus", only=True)
-
-    @pc.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        if track.kind == "audio":
-            session.spawn(_listen(session, track), "microphone")
-
+    session.peer = WebRtcPeer(session.live, video_codec=settings.video_codec, ice_servers=settings.ice_servers,
+                              name=session.id)
     try:
-        await pc.setRemoteDescription(RTCSessionDescription(_reachable_candidates(description.sdp, settings.host),
-                                                            "offer"))
-        await pc.setLocalDescription(await pc.createAnswer())
-    except (ValueError, KeyError, IndexError, AttributeError, OperationError) as error:
+        answer = await session.peer.answer(sdp, settings.host)
+    except BadOffer as error:
         await server.close(session.id)
-        raise ApiError(400, f"cannot negotiate this offer: {error}") from None
-    answer = pc.localDescription
+        raise ApiError(400, str(error)) from None
     return web.json_response({"sdp": answer.sdp, "type": answer.type})
 
 
@@ -520,12 +303,12 @@ async def metrics(request: web.Request) -> web.Response:
         "frames_dropped": lambda s: s.live.pacer.stats.dropped_frames,
         "clock_reanchors": lambda s: s.live.pacer.stats.reanchors,
         "speech_received_seconds": lambda s: s.live.received_speech_s,
-        "video_fps": lambda s: round(s.video.fps, 2) if s.video else 0.0,
+        "video_fps": lambda s: round(s.peer.video.fps, 2) if s.peer else 0.0,
         "latency_target_seconds": lambda s: s.live.pacer.latency_ns / 1e9,
         "speech_to_frame_seconds": lambda s: s.live.pacer.stats.speech_latency_ns / 1e9,
         "least_frame_slack_seconds": lambda s: (s.live.pacer.stats.least_slack_ns or 0) / 1e9,
-        "packets_lost": lambda s: s.packets_lost,
-        "round_trip_seconds": lambda s: s.round_trip_s,
+        "packets_lost": lambda s: s.peer.packets_lost if s.peer else 0,
+        "round_trip_seconds": lambda s: s.peer.round_trip_s if s.peer else 0.0,
     }
     for metric, read in per_session.items():
         lines.append(f"# TYPE talkstream_{metric} gauge")
@@ -628,73 +411,6 @@ def _decode_speech(upload: Upload, max_seconds: float) -> tuple[np.ndarray, int]
         raise ApiError(400, str(error)) from None
     speech = np.concatenate(blocks).mean(axis=1).astype(np.int16) if blocks else np.zeros(0, np.int16)
     return speech, reader.format.rate_hz
-
-
-async def _listen(session: LiveAvatarSession, track: MediaStreamTrack) -> None:
-    """The browser's microphone: decoded Opus (48 kHz) folded to mono and spoken as it comes."""
-    to_mono = av.AudioResampler("s16", "mono", 48000)
-    with contextlib.suppress(MediaStreamError):
-        while True:
-            frame = await track.recv()
-            for out in to_mono.resample(frame):
-                session.live.push(out.to_ndarray().reshape(-1), 48000)
-
-
-def _prefer(pc: RTCPeerConnection, sender: RTCRtpSender, codec: str, *, only: bool) -> None:
-    """Put `codec` first among the sender's codecs (before the offer is read: aiortc settles them then), the others
-    kept as fallbacks unless `only`."""
-    capabilities = RTCRtpSender.getCapabilities(sender.kind).codecs
-    first = [c for c in capabilities if c.mimeType.lower() == f"{sender.kind}/{codec.lower()}"]
-    rest = [] if only else [c for c in capabilities if c not in first]
-    for transceiver in pc.getTransceivers():
-        if transceiver.sender is sender:
-            transceiver.setCodecPreferences(first + rest)
-
-
-_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) ", re.IGNORECASE)
-
-
-def _reachable_candidates(sdp: str, host: str) -> str:
-    """A server bound to loopback talks to this machine only: remote candidates on other machines are dropped. Any
-    address of this machine is kept (a local aiortc client offers its interfaces' addresses, never loopback, and
-    127.0.0.1 reaches them), and so are mDNS names (a browser's). Any other bind keeps every candidate, and a peer
-    that offers none still connects by its checks (peer-reflexive candidates)."""
-    if not _is_loopback(host):
-        return sdp
-    kept = [line for line in sdp.splitlines()
-            if not (match := _CANDIDATE.match(line)) or _on_this_machine(match.group(1))]
-    return "\r\n".join(kept) + "\r\n"
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _on_this_machine(address: str) -> bool:
-    """Whether `address` is one of this machine's (it can be bound), or an mDNS name (resolved later by aioice)."""
-    if address.endswith(".local"):
-        return True
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((address, 0))
-        return True
-    except (ValueError, OSError):
-        return False
-
-
-def restrict_ice_to(host: str) -> None:
-    """Offer host candidates on the bound address only: aioice otherwise offers every interface's address (and
-    skips loopback). Done when the server starts, never at import."""
-    if host in ("0.0.0.0", "::", ""):
-        return
-    import aioice.ice
-
-    address = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0]   # "localhost" -> 127.0.0.1
-    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [address]
 
 
 @web.middleware
@@ -817,275 +533,6 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                           cors_origin=args.cors_origin, limits=replace(Limits(), max_sessions=args.max_sessions))
 
 
-# ------------------------------------------------------------------------------------------------------- benchmark
-
-
-async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[str], None], *,
-                     latency_ms: float | None = None, codec: str = "VP8", server_cpu: int | None = None
-                     ) -> dict[str, Any]:
-    """`sessions` peers on loopback against a server process of their own, each session spoken to in real time over
-    the websocket by a speaker process of its own (so that the peers' decoding never delays the speech). Measures
-    what the server process spends per frame it sends, what each peer receives, the delays from speech sent to its
-    frame and its voice received, and (on the first peer, with dlib on the decoded frames) the mouth's onset against
-    the voice's and how soon an interrupt closes it."""
-    import aiohttp
-    from aiortc import RTCSessionDescription
-
-    port = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stream.cli", "serve", "--port", str(port), "--preset", preset, "--codec", codec,
-        "--max-sessions", str(sessions), *(["--latency-ms", str(latency_ms)] if latency_ms else []),
-        stderr=asyncio.subprocess.DEVNULL, cwd=SERVER_FILE.parent)
-    if server_cpu is not None:  # what one core sustains: the server on it, peers and speakers on the others
-        try:
-            os.sched_setaffinity(process.pid, {server_cpu})
-            os.sched_setaffinity(0, os.sched_getaffinity(0) - {server_cpu} or {server_cpu})
-        except (OSError, ValueError) as error:
-            process.kill()
-            raise TalkstreamError(f"cannot pin the server to CPU {server_cpu}: {error}") from None
-    base = f"http://127.0.0.1:{port}"
-    restrict_ice_to("127.0.0.1")
-    speech = _example_speech(BENCH_RATE_HZ)
-    loop = asyncio.get_running_loop()
-    try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                with contextlib.suppress(aiohttp.ClientError):
-                    if (await http.get(f"{base}/healthz")).status == 200:
-                        break
-                await asyncio.sleep(0.1)
-            peers = []
-            for _ in range(sessions):
-                form = aiohttp.FormData()
-                form.add_field("example", "astronaut")
-                created = await (await http.post(f"{base}/api/sessions", data=form)).json()
-                if "id" not in created:
-                    raise TalkstreamError(f"the server refused a session: {created.get('error')}")
-                session_id = created["id"]
-                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-                pc.addTransceiver("video", direction="recvonly")
-                pc.addTransceiver("audio", direction="recvonly")
-                await pc.setLocalDescription(await pc.createOffer())
-                answer = await (await http.post(f"{base}/api/sessions/{session_id}/offer", json={
-                    "sdp": pc.localDescription.sdp, "type": "offer"})).json()
-                await pc.setRemoteDescription(RTCSessionDescription(**answer))
-                peers.append((session_id, pc))
-            speakers = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", "import sys, server; server.speak_main(sys.argv[1:])", base, str(seconds),
-                *(session_id for session_id, _ in peers), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, cwd=SERVER_FILE.parent)
-            assert speakers.stdin is not None and speakers.stdout is not None
-            await speakers.stdout.readline()           # imported and connected: ready to speak
-            await asyncio.sleep(1.0)
-            cpu_before, sent_before = _process_cpu_s(process.pid), _frames_sent(await _metrics(http, base))
-            peers_cpu_before = _process_cpu_s(os.getpid())
-            started = loop.time()
-            speakers.stdin.write(b"go\n")
-            recordings = await asyncio.gather(*(_receive(pc, seconds) for _, pc in peers))
-            spoken = json.loads((await speakers.communicate())[0])
-            elapsed = loop.time() - started
-            cpu_after, metrics_after = _process_cpu_s(process.pid), await _metrics(http, base)
-            peers_cpu = _process_cpu_s(os.getpid()) - peers_cpu_before
-            sent_after = _frames_sent(metrics_after)
-            server_latency = _per_session(metrics_after, "speech_to_frame_seconds")
-            slack = _per_session(metrics_after, "least_frame_slack_seconds")
-            lost = _per_session(metrics_after, "packets_lost")
-            for _, pc in peers:
-                await pc.close()
-    finally:
-        process.terminate()
-        await process.wait()
-    for recording, (first_sent, interrupted, _) in zip(recordings, spoken, strict=True):
-        recording.first_sent, recording.interrupted = first_sent, interrupted
-    results = [_analyse(recording, speech, BENCH_RATE_HZ, measure=index == 0)
-               for index, recording in enumerate(recordings)]
-    sent = {key: sent_after[key] - sent_before.get(key, 0) for key in sent_after}
-    frames = sent["speech"] + sent["idle"] + sent["repeated"]
-    report = {
-        "sessions": sessions, "preset": preset, "codec": codec, "server_cpu": server_cpu,
-        "seconds": round(elapsed, 2),
-        "server_cpu_ms_per_session_frame": round((cpu_after - cpu_before) * 1000 / max(1, frames), 2),
-        "server_cpu_cores": round((cpu_after - cpu_before) / elapsed, 2),
-        "peers_cpu_cores": round(peers_cpu / elapsed, 2),   # the receivers share this machine
-        "speakers_latest_chunk_ms": round(max(late for _, _, late in spoken) * 1000, 1),  # the speech's own lag
-        "frames_sent": sent, "received_fps": [round(result["fps"], 1) for result in results],
-        "speech_to_frame_sent_ms": [round(server_latency.get(session_id, 0.0) * 1000, 1)
-                                    for session_id, _ in peers],
-        "least_frame_slack_ms": [round(slack.get(session_id, 0.0) * 1000, 1) for session_id, _ in peers],
-        "packets_lost": [int(lost.get(session_id, 0)) for session_id, _ in peers],
-        "speech_to_frame_received_ms": [result["frame_latency_ms"] for result in results],
-        "voice_latency_ms": [result["voice_latency_ms"] for result in results],
-        "mouth_onset_after_voice_ms": results[0]["mouth_onset_after_voice_ms"],
-        "interrupt_to_closed_mouth_ms": results[0]["interrupt_to_closed_mouth_ms"],
-    }
-    log(json.dumps(report))
-    return report
-
-
-BENCH_RATE_HZ = 16000   # what a microphone client sends
-
-
-def _example_speech(rate: int) -> np.ndarray:
-    """The example speech, mono int16 at `rate`."""
-    from scipy.signal import resample_poly
-
-    from stages.audio import AudioReader
-
-    reader = AudioReader(EXAMPLES["astronaut"].parent / "speech.wav")
-    blocks = []
-    while (block := reader.read()) is not None:
-        blocks.append(block)
-    speech = resample_poly(np.concatenate(blocks).mean(axis=1), rate, reader.format.rate_hz)
-    return np.clip(speech, -32768, 32767).astype(np.int16)
-
-
-def speak_main(argv: list[str]) -> None:
-    """The benchmark's speakers (a process of their own): BASE SECONDS SESSION... Each session hears the example
-    speech in real time over its websocket, the first one interrupted 1 s before the end; prints [[first chunk
-    sent, interrupt sent or null, the latest a chunk went out], ...] in monotonic seconds (the clock every process
-    here shares)."""
-    import aiohttp
-
-    base, seconds, session_ids = argv[0], float(argv[1]), argv[2:]
-    speech = _example_speech(BENCH_RATE_HZ)
-    talk = speech[: int(BENCH_RATE_HZ * max(1.0, seconds - 4.0))]
-    chunk = BENCH_RATE_HZ // 50
-
-    async def speak(http: aiohttp.ClientSession, socket: aiohttp.ClientWebSocketResponse, session_id: str,
-                    interrupt: bool) -> list[float | None]:
-        first_sent, interrupted, late = time.monotonic(), None, 0.0
-        interrupt_at = first_sent + len(talk) / BENCH_RATE_HZ - 1.0 if interrupt else None
-        for index, offset in enumerate(range(0, len(talk), chunk)):
-            if interrupt_at is not None and time.monotonic() >= interrupt_at:
-                await http.post(f"{base}/api/sessions/{session_id}/interrupt")
-                interrupted = time.monotonic()
-                break
-            late = max(late, time.monotonic() - first_sent - index / 50)
-            await socket.send_bytes(talk[offset:offset + chunk].tobytes())
-            await asyncio.sleep(max(0.0, first_sent + (index + 1) / 50 - time.monotonic()))
-        await socket.close()
-        return [first_sent, interrupted, late]
-
-    async def speak_all() -> list[list[float | None]]:
-        async with aiohttp.ClientSession() as http:
-            sockets = [await http.ws_connect(f"{base}/api/sessions/{session_id}/audio?rate={BENCH_RATE_HZ}")
-                       for session_id in session_ids]
-            print("ready", flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-            return await asyncio.gather(*(speak(http, socket, session_id, index == 0)
-                                          for index, (socket, session_id) in enumerate(zip(sockets, session_ids))))
-
-    print(json.dumps(asyncio.run(speak_all())))
-
-
-@dataclass(slots=True)
-class _Recording:
-    video: list[tuple[float, av.VideoFrame]]   # (arrival, frame)
-    audio: list[tuple[float, av.AudioFrame]]
-    first_sent: float = 0.0                    # when the first speech chunk went out
-    interrupted: float | None = None           # when the interrupt went out
-
-
-async def _receive(pc: RTCPeerConnection, seconds: float) -> _Recording:
-    """Both tracks of one peer for `seconds`, each frame with its arrival time (monotonic)."""
-    loop = asyncio.get_running_loop()
-    tracks = {receiver.track.kind: receiver.track for receiver in pc.getReceivers()}
-    recording = _Recording([], [])
-    until = loop.time() + seconds
-
-    async def receive(track: MediaStreamTrack, into: list[Any]) -> None:
-        with contextlib.suppress(MediaStreamError, TimeoutError):
-            while loop.time() < until:
-                frame = await asyncio.wait_for(track.recv(), 5)
-                into.append((loop.time(), frame))
-
-    await asyncio.gather(receive(tracks["video"], recording.video), receive(tracks["audio"], recording.audio))
-    return recording
-
-
-def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: bool) -> dict[str, Any]:
-    """Received fps span, the delays from the speech's onset sent to its voice and to the frame of that instant
-    received, and (when `measure`) the mouth against the voice, with dlib."""
-    video, audio = recording.video, recording.audio
-    level = np.array([np.abs(frame.to_ndarray().astype(np.int32)).max() for _, frame in audio])
-    voiced = np.flatnonzero(level > 500)
-    arrivals = np.array([arrival for arrival, _ in video])
-    steady = arrivals[arrivals >= arrivals[0] + 1.0] if len(arrivals) else arrivals  # past frames queued on connect
-    span = steady[-1] - steady[0] if len(steady) > 1 else 0.0
-    result: dict[str, Any] = {"fps": (len(steady) - 1) / span if span else 0.0, "voice_latency_ms": None,
-                              "frame_latency_ms": None, "mouth_onset_after_voice_ms": None,
-                              "interrupt_to_closed_mouth_ms": None}
-    spoken = np.flatnonzero(np.abs(speech.astype(np.int32)) > 500)
-    if not (len(voiced) and len(spoken) and video):
-        return result
-    onset_sent = recording.first_sent + spoken[0] / rate   # when the first loud sample went out
-    result["voice_latency_ms"] = round((audio[voiced[0]][0] - onset_sent) * 1000, 1)
-    # Both tracks start at media time 0: the frame whose slot holds the voice's onset shows it.
-    video_s = np.array([(frame.pts - video[0][1].pts) / VIDEO_CLOCK_HZ for _, frame in video])
-    voice_s = (audio[voiced[0]][1].pts - audio[0][1].pts) / 48000
-    onset_frame = np.flatnonzero(video_s <= voice_s)
-    if len(onset_frame):
-        result["frame_latency_ms"] = round((video[onset_frame[-1]][0] - onset_sent) * 1000, 1)
-    if measure:
-        aperture = _apertures([frame.to_ndarray(format="bgr24") for _, frame in video])
-        opened = np.flatnonzero((aperture > 0.08) & (video_s > voice_s - 0.5))
-        if len(opened):
-            result["mouth_onset_after_voice_ms"] = round((video_s[opened[0]] - voice_s) * 1000, 1)
-        if recording.interrupted is not None:
-            closed = np.flatnonzero((arrivals > recording.interrupted) & (aperture < 0.05))
-            if len(closed):
-                result["interrupt_to_closed_mouth_ms"] = round((arrivals[closed[0]] - recording.interrupted) * 1000, 1)
-    return result
-
-
-def _apertures(images: list[np.ndarray]) -> np.ndarray:
-    """Inner-lip opening per frame in inter-ocular distances (dlib's 68 points; NaN without a face)."""
-    from stages.portrait import DlibDetector
-
-    detector = DlibDetector()
-    values = []
-    for image in images:
-        faces = detector.detect(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-        if not faces:
-            values.append(np.nan)
-            continue
-        points = max(faces, key=lambda face: face.score).landmarks
-        iod = np.linalg.norm(points[36] - points[45])
-        gaps = [np.linalg.norm(points[upper] - points[lower]) for upper, lower in ((61, 67), (62, 66), (63, 65))]
-        values.append(float(np.mean(gaps) / iod))
-    return np.array(values)
-
-
-async def _metrics(http: Any, base: str) -> str:
-    return await (await http.get(f"{base}/metrics")).text()
-
-
-def _frames_sent(metrics: str) -> dict[str, float]:
-    """Frames of each kind the server sent, all sessions together."""
-    return {kind: sum(_per_session(metrics, f"frames_{kind}").values())
-            for kind in ("speech", "idle", "repeated", "dropped")}
-
-
-def _per_session(metrics: str, metric: str) -> dict[str, float]:
-    """{session id: value} of one of the server's per-session metrics, from its /metrics text."""
-    return {session: float(value)
-            for session, value in re.findall(rf'talkstream_{metric}{{session="([^"]*)"}} (\S+)', metrics)}
-
-
-def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _new_loop() -> asyncio.AbstractEventLoop:
     """uvloop when installed: packets, timers and executor hand-offs cost less on it than on asyncio's loop."""
     try:
@@ -1112,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"talkstream: error: cannot listen on {settings.host}:{settings.port}: {reason}", file=sys.stderr)
         return 2
     print(f"talkstream: serving on {_page_url(settings)} (Ctrl-C stops)", file=sys.stderr, flush=True)
-    if not _is_loopback(settings.host):
+    if not is_loopback(settings.host):
         print("talkstream: browsers open the microphone only over HTTPS or on localhost; elsewhere the page "
               "connects without it", file=sys.stderr, flush=True)
     web.run_app(make_app(settings), sock=listener, print=None, loop=_new_loop(),
@@ -1144,9 +591,6 @@ def _this_machine() -> str:
             return str(probe.getsockname()[0])
         except OSError:
             return "127.0.0.1"
-
-
-
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Heavy modules (numpy, OpenCV, PyAV, dlib) are imported inside the commands, so `
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["serve"]:  # the server parses its own options and handles its own signals
-            return _import_server().main(argv[1:])
+            return _import_live("server").main(argv[1:])
         args = build_parser().parse_args(argv)
         _unwind_on_stop_signals()
         if getattr(args, "verbose", False):
@@ -188,16 +189,16 @@ def _stop(signum: int, frame: object) -> None:
     raise Stopped
 
 
-def _import_server() -> ModuleType:
-    """The server module; its packages missing (core dependencies) are an incomplete install, said in one line."""
+def _import_live(module: str) -> ModuleType:
+    """`server` or `stages.live_bench`; their packages missing (core dependencies) are an incomplete install, said in
+    one line."""
     try:
-        import server
+        return importlib.import_module(module)
     except ImportError as error:
         package = (error.name or "").partition(".")[0]
         if package not in SERVER_PACKAGES:
             raise
         raise TalkstreamError(f"the live server needs {package}, which is not installed: pip install -e .") from error
-    return server
 
 
 def run_async(coroutine):  # type: ignore[no-untyped-def]
@@ -281,9 +282,9 @@ def _bench(args: argparse.Namespace) -> int:
         from stream import bench as bench_output
 
         preset = args.presets.split(",")[0].strip() or "ultra_fast"
-        server = _import_server()
-        report = run_async(server.bench_live(args.live, args.seconds, preset, print, latency_ms=args.latency_ms,
-                                             codec=args.codec, server_cpu=args.cpu))
+        live_bench = _import_live("stages.live_bench")
+        report = run_async(live_bench.bench_live(args.live, args.seconds, preset, print, latency_ms=args.latency_ms,
+                                                 codec=args.codec, server_cpu=args.cpu))
         if args.json:
             bench_output.write_json(args.json, report)
         return 0

@@ -1,0 +1,292 @@
+"""`talkstream bench --live`: WebRTC peers on loopback against a server process of their own, spoken to in real time.
+
+A client of the server's HTTP API, like any other; in `stages/`, not `stream/`, because it measures mouths (dlib).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from stages.webrtc import VIDEO_CLOCK_HZ, restrict_ice_to
+from stream.errors import TalkstreamError
+
+ROOT = Path(__file__).resolve().parent.parent   # where `python -m stream.cli` runs, and the examples are
+BENCH_RATE_HZ = 16000   # what a microphone client sends
+
+
+async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[str], None], *,
+                     latency_ms: float | None = None, codec: str = "VP8", server_cpu: int | None = None
+                     ) -> dict[str, Any]:
+    """`sessions` peers on loopback against a server process of their own, each session spoken to in real time over
+    the websocket by a speaker process of its own (so that the peers' decoding never delays the speech). Measures
+    what the server process spends per frame it sends, what each peer receives, the delays from speech sent to its
+    frame and its voice received, and (on the first peer, with dlib on the decoded frames) the mouth's onset against
+    the voice's and how soon an interrupt closes it."""
+    import aiohttp
+
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stream.cli", "serve", "--port", str(port), "--preset", preset, "--codec", codec,
+        "--max-sessions", str(sessions), *(["--latency-ms", str(latency_ms)] if latency_ms else []),
+        stderr=asyncio.subprocess.DEVNULL, cwd=ROOT)
+    if server_cpu is not None:  # what one core sustains: the server on it, peers and speakers on the others
+        try:
+            os.sched_setaffinity(process.pid, {server_cpu})
+            os.sched_setaffinity(0, os.sched_getaffinity(0) - {server_cpu} or {server_cpu})
+        except (OSError, ValueError) as error:
+            process.kill()
+            raise TalkstreamError(f"cannot pin the server to CPU {server_cpu}: {error}") from None
+    base = f"http://127.0.0.1:{port}"
+    restrict_ice_to("127.0.0.1")
+    speech = _example_speech(BENCH_RATE_HZ)
+    loop = asyncio.get_running_loop()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                with contextlib.suppress(aiohttp.ClientError):
+                    if (await http.get(f"{base}/healthz")).status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            peers = []
+            for _ in range(sessions):
+                form = aiohttp.FormData()
+                form.add_field("example", "astronaut")
+                created = await (await http.post(f"{base}/api/sessions", data=form)).json()
+                if "id" not in created:
+                    raise TalkstreamError(f"the server refused a session: {created.get('error')}")
+                session_id = created["id"]
+                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+                pc.addTransceiver("video", direction="recvonly")
+                pc.addTransceiver("audio", direction="recvonly")
+                await pc.setLocalDescription(await pc.createOffer())
+                answer = await (await http.post(f"{base}/api/sessions/{session_id}/offer", json={
+                    "sdp": pc.localDescription.sdp, "type": "offer"})).json()
+                await pc.setRemoteDescription(RTCSessionDescription(**answer))
+                peers.append((session_id, pc))
+            speakers = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "import sys, stages.live_bench as bench; bench.speak_main(sys.argv[1:])", base,
+                str(seconds),
+                *(session_id for session_id, _ in peers), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+            assert speakers.stdin is not None and speakers.stdout is not None
+            await speakers.stdout.readline()           # imported and connected: ready to speak
+            await asyncio.sleep(1.0)
+            cpu_before, sent_before = _process_cpu_s(process.pid), _frames_sent(await _metrics(http, base))
+            peers_cpu_before = _process_cpu_s(os.getpid())
+            started = loop.time()
+            speakers.stdin.write(b"go\n")
+            recordings = await asyncio.gather(*(_receive(pc, seconds) for _, pc in peers))
+            spoken = json.loads((await speakers.communicate())[0])
+            elapsed = loop.time() - started
+            cpu_after, metrics_after = _process_cpu_s(process.pid), await _metrics(http, base)
+            peers_cpu = _process_cpu_s(os.getpid()) - peers_cpu_before
+            sent_after = _frames_sent(metrics_after)
+            server_latency = _per_session(metrics_after, "speech_to_frame_seconds")
+            slack = _per_session(metrics_after, "least_frame_slack_seconds")
+            lost = _per_session(metrics_after, "packets_lost")
+            for _, pc in peers:
+                await pc.close()
+    finally:
+        process.terminate()
+        await process.wait()
+    for recording, (first_sent, interrupted, _) in zip(recordings, spoken, strict=True):
+        recording.first_sent, recording.interrupted = first_sent, interrupted
+    results = [_analyse(recording, speech, BENCH_RATE_HZ, measure=index == 0)
+               for index, recording in enumerate(recordings)]
+    sent = {key: sent_after[key] - sent_before.get(key, 0) for key in sent_after}
+    frames = sent["speech"] + sent["idle"] + sent["repeated"]
+    report = {
+        "sessions": sessions, "preset": preset, "codec": codec, "server_cpu": server_cpu,
+        "seconds": round(elapsed, 2),
+        "server_cpu_ms_per_session_frame": round((cpu_after - cpu_before) * 1000 / max(1, frames), 2),
+        "server_cpu_cores": round((cpu_after - cpu_before) / elapsed, 2),
+        "peers_cpu_cores": round(peers_cpu / elapsed, 2),   # the receivers share this machine
+        "speakers_latest_chunk_ms": round(max(late for _, _, late in spoken) * 1000, 1),  # the speech's own lag
+        "frames_sent": sent, "received_fps": [round(result["fps"], 1) for result in results],
+        "speech_to_frame_sent_ms": [round(server_latency.get(session_id, 0.0) * 1000, 1)
+                                    for session_id, _ in peers],
+        "least_frame_slack_ms": [round(slack.get(session_id, 0.0) * 1000, 1) for session_id, _ in peers],
+        "packets_lost": [int(lost.get(session_id, 0)) for session_id, _ in peers],
+        "speech_to_frame_received_ms": [result["frame_latency_ms"] for result in results],
+        "voice_latency_ms": [result["voice_latency_ms"] for result in results],
+        "mouth_onset_after_voice_ms": results[0]["mouth_onset_after_voice_ms"],
+        "interrupt_to_closed_mouth_ms": results[0]["interrupt_to_closed_mouth_ms"],
+    }
+    log(json.dumps(report))
+    return report
+
+
+def _example_speech(rate: int) -> np.ndarray:
+    """The example speech, mono int16 at `rate`."""
+    from scipy.signal import resample_poly
+
+    from stages.audio import AudioReader
+
+    reader = AudioReader(ROOT / "examples" / "speech.wav")
+    blocks = []
+    while (block := reader.read()) is not None:
+        blocks.append(block)
+    speech = resample_poly(np.concatenate(blocks).mean(axis=1), rate, reader.format.rate_hz)
+    return np.clip(speech, -32768, 32767).astype(np.int16)
+
+
+def speak_main(argv: list[str]) -> None:
+    """The benchmark's speakers (a process of their own): BASE SECONDS SESSION... Each session hears the example
+    speech in real time over its websocket, the first one interrupted 1 s before the end; prints [[first chunk
+    sent, interrupt sent or null, the latest a chunk went out], ...] in monotonic seconds (the clock every process
+    here shares)."""
+    import aiohttp
+
+    base, seconds, session_ids = argv[0], float(argv[1]), argv[2:]
+    speech = _example_speech(BENCH_RATE_HZ)
+    talk = speech[: int(BENCH_RATE_HZ * max(1.0, seconds - 4.0))]
+    chunk = BENCH_RATE_HZ // 50
+
+    async def speak(http: aiohttp.ClientSession, socket: aiohttp.ClientWebSocketResponse, session_id: str,
+                    interrupt: bool) -> list[float | None]:
+        first_sent, interrupted, late = time.monotonic(), None, 0.0
+        interrupt_at = first_sent + len(talk) / BENCH_RATE_HZ - 1.0 if interrupt else None
+        for index, offset in enumerate(range(0, len(talk), chunk)):
+            if interrupt_at is not None and time.monotonic() >= interrupt_at:
+                await http.post(f"{base}/api/sessions/{session_id}/interrupt")
+                interrupted = time.monotonic()
+                break
+            late = max(late, time.monotonic() - first_sent - index / 50)
+            await socket.send_bytes(talk[offset:offset + chunk].tobytes())
+            await asyncio.sleep(max(0.0, first_sent + (index + 1) / 50 - time.monotonic()))
+        await socket.close()
+        return [first_sent, interrupted, late]
+
+    async def speak_all() -> list[list[float | None]]:
+        async with aiohttp.ClientSession() as http:
+            sockets = [await http.ws_connect(f"{base}/api/sessions/{session_id}/audio?rate={BENCH_RATE_HZ}")
+                       for session_id in session_ids]
+            print("ready", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            return await asyncio.gather(*(speak(http, socket, session_id, index == 0)
+                                          for index, (socket, session_id) in enumerate(zip(sockets, session_ids))))
+
+    print(json.dumps(asyncio.run(speak_all())))
+
+
+@dataclass(slots=True)
+class _Recording:
+    video: list[tuple[float, av.VideoFrame]]   # (arrival, frame)
+    audio: list[tuple[float, av.AudioFrame]]
+    first_sent: float = 0.0                    # when the first speech chunk went out
+    interrupted: float | None = None           # when the interrupt went out
+
+
+async def _receive(pc: RTCPeerConnection, seconds: float) -> _Recording:
+    """Both tracks of one peer for `seconds`, each frame with its arrival time (monotonic)."""
+    loop = asyncio.get_running_loop()
+    tracks = {receiver.track.kind: receiver.track for receiver in pc.getReceivers()}
+    recording = _Recording([], [])
+    until = loop.time() + seconds
+
+    async def receive(track: MediaStreamTrack, into: list[Any]) -> None:
+        with contextlib.suppress(MediaStreamError, TimeoutError):
+            while loop.time() < until:
+                frame = await asyncio.wait_for(track.recv(), 5)
+                into.append((loop.time(), frame))
+
+    await asyncio.gather(receive(tracks["video"], recording.video), receive(tracks["audio"], recording.audio))
+    return recording
+
+
+def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: bool) -> dict[str, Any]:
+    """Received fps span, the delays from the speech's onset sent to its voice and to the frame of that instant
+    received, and (when `measure`) the mouth against the voice, with dlib."""
+    video, audio = recording.video, recording.audio
+    level = np.array([np.abs(frame.to_ndarray().astype(np.int32)).max() for _, frame in audio])
+    voiced = np.flatnonzero(level > 500)
+    arrivals = np.array([arrival for arrival, _ in video])
+    steady = arrivals[arrivals >= arrivals[0] + 1.0] if len(arrivals) else arrivals  # past frames queued on connect
+    span = steady[-1] - steady[0] if len(steady) > 1 else 0.0
+    result: dict[str, Any] = {"fps": (len(steady) - 1) / span if span else 0.0, "voice_latency_ms": None,
+                              "frame_latency_ms": None, "mouth_onset_after_voice_ms": None,
+                              "interrupt_to_closed_mouth_ms": None}
+    spoken = np.flatnonzero(np.abs(speech.astype(np.int32)) > 500)
+    if not (len(voiced) and len(spoken) and video):
+        return result
+    onset_sent = recording.first_sent + spoken[0] / rate   # when the first loud sample went out
+    result["voice_latency_ms"] = round((audio[voiced[0]][0] - onset_sent) * 1000, 1)
+    # Both tracks start at media time 0: the frame whose slot holds the voice's onset shows it.
+    video_s = np.array([(frame.pts - video[0][1].pts) / VIDEO_CLOCK_HZ for _, frame in video])
+    voice_s = (audio[voiced[0]][1].pts - audio[0][1].pts) / 48000
+    onset_frame = np.flatnonzero(video_s <= voice_s)
+    if len(onset_frame):
+        result["frame_latency_ms"] = round((video[onset_frame[-1]][0] - onset_sent) * 1000, 1)
+    if measure:
+        aperture = _apertures([frame.to_ndarray(format="bgr24") for _, frame in video])
+        opened = np.flatnonzero((aperture > 0.08) & (video_s > voice_s - 0.5))
+        if len(opened):
+            result["mouth_onset_after_voice_ms"] = round((video_s[opened[0]] - voice_s) * 1000, 1)
+        if recording.interrupted is not None:
+            closed = np.flatnonzero((arrivals > recording.interrupted) & (aperture < 0.05))
+            if len(closed):
+                result["interrupt_to_closed_mouth_ms"] = round((arrivals[closed[0]] - recording.interrupted) * 1000, 1)
+    return result
+
+
+def _apertures(images: list[np.ndarray]) -> np.ndarray:
+    """Inner-lip opening per frame in inter-ocular distances (dlib's 68 points; NaN without a face)."""
+    from stages.portrait import DlibDetector
+
+    detector = DlibDetector()
+    values = []
+    for image in images:
+        faces = detector.detect(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        if not faces:
+            values.append(np.nan)
+            continue
+        points = max(faces, key=lambda face: face.score).landmarks
+        iod = np.linalg.norm(points[36] - points[45])
+        gaps = [np.linalg.norm(points[upper] - points[lower]) for upper, lower in ((61, 67), (62, 66), (63, 65))]
+        values.append(float(np.mean(gaps) / iod))
+    return np.array(values)
+
+
+async def _metrics(http: Any, base: str) -> str:
+    return await (await http.get(f"{base}/metrics")).text()
+
+
+def _frames_sent(metrics: str) -> dict[str, float]:
+    """Frames of each kind the server sent, all sessions together."""
+    return {kind: sum(_per_session(metrics, f"frames_{kind}").values())
+            for kind in ("speech", "idle", "repeated", "dropped")}
+
+
+def _per_session(metrics: str, metric: str) -> dict[str, float]:
+    """{session id: value} of one of the server's per-session metrics, from its /metrics text."""
+    return {session: float(value)
+            for session, value in re.findall(rf'talkstream_{metric}{{session="([^"]*)"}} (\S+)', metrics)}
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
