@@ -31,8 +31,18 @@ import cv2
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from stages.session import LIVE_RATES_HZ, Avatar, LiveSession, load_preset
-from stages.webrtc import BadOffer, WebRtcPeer, is_loopback, restrict_ice_to, use_live_encoders
+from stages.session import (
+    LIVE_RATES_HZ,
+    AudioReader,
+    Avatar,
+    BadOffer,
+    LiveSession,
+    WebRtcPeer,
+    is_loopback,
+    load_preset,
+    restrict_ice_to,
+    use_live_encoders,
+)
 from stream.arguments import Parser, existing_dir, port, positive
 from stream.errors import TalkstreamError
 
@@ -397,8 +407,6 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
 
 def _decode_speech(upload: Upload, max_seconds: float) -> tuple[np.ndarray, int]:
     """Any audio file ffmpeg reads -> int16 mono and its rate; clear errors, naming the upload, for the rest."""
-    from stages.audio import AudioReader
-
     name = upload.named("audio")
     try:
         reader = AudioReader(io.BytesIO(upload.data), name=name, notice=lambda message: LOG.info("%s", message))

@@ -8,7 +8,9 @@ async with avatar.open_session(speech_rate_hz=16000) as session:
     async for frame in session.frames():
         ...                            # frame.image (BGR), frame.speech (int16), frame.index (pts in 1/fps)
 ```
-`stream.cli` and `server.py` are clients of this module; nothing else of `stages/` is theirs to wire.
+`stream.cli`, `server.py` and applications are clients of this module and import nothing else of `stages/` (the
+import contracts in pyproject.toml hold them to it): what they need is here, the WebRTC sink and the live benchmark
+loaded only when asked for, so that file renders never import aiortc.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from stages.enhance import WISHES, Restorer, make_enhancer, prepare_restorer, re
 from stages.motion import EmbeddedMotion, IdleMotion, MotionStage, SpeechBuffer
 from stages.portrait import DlibDetector, Portrait, prepare_portrait
 from stages.render import RenderStage, WarpRenderer
-from stages.sinks import Sink
+from stages.sinks import Sink, check_writable, open_sink
 from stream.clock import FrameClock
 from stream.errors import InputError, PresetError, TalkstreamError
 from stream.frames import FaceCrop, StreamInfo, VideoFrame
@@ -52,6 +54,14 @@ from stream.presets import DEFAULT_PRESET, Preset, PresetBook, build_section, ch
 from stream.profile import Profiler, StageTimes
 
 BACKENDS = ("embedded", "sadtalker")
+WEBRTC_NAMES = ("BadOffer", "WebRtcPeer", "is_loopback", "restrict_ice_to", "use_live_encoders")
+# The door: the engine, and what its clients need of the stages (speech in, files out, landmarks); the WebRTC
+# names and `bench_live` come from `__getattr__` below, on first use.
+__all__ = [
+    "LIVE_RATES_HZ", "AudioReader", "Avatar", "DlibDetector", "LiveSession", "Session", "check_writable",
+    "describe_checkpoints", "enhancer_benchmark", "load_networks", "load_preset", "open_sink", "render",
+    "renderer_benchmark", "speech_lead_ms",
+]
 SADTALKER_CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")  # spec §1.1
 SADTALKER_MOTION = ("streaming", "offline")
 LIVE_RENDER_MARGIN_MS = 40   # a live frame's rendering and its hops between stages, with a busy second core
@@ -679,3 +689,16 @@ def _read_in_background(reader: AudioReader, loop: asyncio.AbstractEventLoop,
 
     threading.Thread(target=pump, name="talkstream-decode", daemon=True).start()
     return blocks
+
+
+def __getattr__(name: str) -> Any:
+    """The WebRTC sink's names and the live benchmark, imported on first use (aiortc costs a file render 0.3 s)."""
+    if name in WEBRTC_NAMES:
+        from stages import webrtc
+
+        return getattr(webrtc, name)
+    if name == "bench_live":
+        from stages.live_bench import bench_live
+
+        return bench_live
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import av
 import cv2
@@ -34,7 +35,9 @@ from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError
 from av.frame import Frame
 
-from stages.session import LiveSession
+if TYPE_CHECKING:
+    from stages.session import LiveSession
+
 
 VIDEO_CLOCK_HZ = 90000
 

@@ -6,13 +6,12 @@ Heavy modules (numpy, OpenCV, PyAV, dlib) are imported inside the commands, so `
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from stream.arguments import Parser, existing_dir, positive, sizes
@@ -149,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["serve"]:  # the server parses its own options and handles its own signals
-            return _import_live("server").main(argv[1:])
+            with _live_packages():
+                import server
+            return server.main(argv[1:])
         args = build_parser().parse_args(argv)
         _unwind_on_stop_signals()
         if getattr(args, "verbose", False):
@@ -189,11 +190,11 @@ def _stop(signum: int, frame: object) -> None:
     raise Stopped
 
 
-def _import_live(module: str) -> ModuleType:
-    """`server` or `stages.live_bench`; their packages missing (core dependencies) are an incomplete install, said in
-    one line."""
+@contextlib.contextmanager
+def _live_packages() -> Iterator[None]:
+    """The live server's packages (core dependencies) missing is an incomplete install, said in one line."""
     try:
-        return importlib.import_module(module)
+        yield
     except ImportError as error:
         package = (error.name or "").partition(".")[0]
         if package not in SERVER_PACKAGES:
@@ -236,9 +237,7 @@ def _presets() -> int:
 def _render(args: argparse.Namespace) -> int:
     import cv2
 
-    from stages.audio import AudioReader
-    from stages.session import Avatar, render
-    from stages.sinks import check_writable, open_sink
+    from stages.session import AudioReader, Avatar, check_writable, open_sink, render
     from stream.errors import InputError
     from stream.profile import Profiler
 
@@ -282,8 +281,9 @@ def _bench(args: argparse.Namespace) -> int:
         from stream import bench as bench_output
 
         preset = args.presets.split(",")[0].strip() or "ultra_fast"
-        live_bench = _import_live("stages.live_bench")
-        report = run_async(live_bench.bench_live(args.live, args.seconds, preset, print, latency_ms=args.latency_ms,
+        with _live_packages():
+            from stages.session import bench_live
+        report = run_async(bench_live(args.live, args.seconds, preset, print, latency_ms=args.latency_ms,
                                                  codec=args.codec, server_cpu=args.cpu))
         if args.json:
             bench_output.write_json(args.json, report)
@@ -293,9 +293,7 @@ def _bench(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from stages.audio import AudioReader
-    from stages.session import Avatar, load_networks, render, renderer_benchmark
-    from stages.sinks import open_sink
+    from stages.session import AudioReader, Avatar, load_networks, open_sink, render, renderer_benchmark
     from stream import bench
     from stream.errors import InputError
     from stream.profile import Profiler
@@ -385,7 +383,7 @@ def _doctor(args: argparse.Namespace) -> int:
     cv2.setNumThreads(1)
     checks = doctor.package_checks() + doctor.program_checks()
     checks += [doctor.thread_check(cv2.getNumThreads()), doctor.device_check()]
-    from stages.portrait import DlibDetector
+    from stages.session import DlibDetector
 
     try:
         started = time.perf_counter()
@@ -409,9 +407,7 @@ def _smoke_render(tempfile, time):  # type: ignore[no-untyped-def]
     """One second of the example speech through the whole pipeline into an MP4."""
     import numpy as np
 
-    from stages.audio import AudioReader
-    from stages.session import Avatar, render
-    from stages.sinks import open_sink
+    from stages.session import AudioReader, Avatar, open_sink, render
     from stream import doctor
 
     try:
