@@ -44,6 +44,7 @@ from stages.session import (
     use_live_encoders,
 )
 from stream.arguments import Parser, existing_dir, port, positive
+from stream.clock import seconds_of_ns
 from stream.errors import TalkstreamError
 
 LOG = logging.getLogger("talkstream.server")
@@ -314,9 +315,9 @@ async def metrics(request: web.Request) -> web.Response:
         "clock_reanchors": lambda s: s.live.pacer.stats.reanchors,
         "speech_received_seconds": lambda s: s.live.received_speech_s,
         "video_fps": lambda s: round(s.peer.video.fps, 2) if s.peer else 0.0,
-        "latency_target_seconds": lambda s: s.live.pacer.latency_ns / 1e9,
-        "speech_to_frame_seconds": lambda s: s.live.pacer.stats.speech_latency_ns / 1e9,
-        "least_frame_slack_seconds": lambda s: (s.live.pacer.stats.least_slack_ns or 0) / 1e9,
+        "latency_target_seconds": lambda s: seconds_of_ns(s.live.pacer.latency_ns),
+        "speech_to_frame_seconds": lambda s: seconds_of_ns(s.live.pacer.stats.speech_latency_ns),
+        "least_frame_slack_seconds": lambda s: seconds_of_ns(s.live.pacer.stats.least_slack_ns or 0),
         "packets_lost": lambda s: s.peer.packets_lost if s.peer else 0,
         "round_trip_seconds": lambda s: s.peer.round_trip_s if s.peer else 0.0,
     }

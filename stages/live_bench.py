@@ -24,7 +24,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from stages.webrtc import VIDEO_CLOCK_HZ, restrict_ice_to
+from stages.webrtc import restrict_ice_to
 from stream.errors import TalkstreamError
 
 ROOT = Path(__file__).resolve().parent.parent   # where `python -m stream.cli` runs, and the examples are
@@ -229,8 +229,8 @@ def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: b
     onset_sent = recording.first_sent + spoken[0] / rate   # when the first loud sample went out
     result["voice_latency_ms"] = round((audio[voiced[0]][0] - onset_sent) * 1000, 1)
     # Both tracks start at media time 0: the frame whose slot holds the voice's onset shows it.
-    video_s = np.array([(frame.pts - video[0][1].pts) / VIDEO_CLOCK_HZ for _, frame in video])
-    voice_s = (audio[voiced[0]][1].pts - audio[0][1].pts) / 48000
+    video_s = np.array([float((frame.pts - video[0][1].pts) * frame.time_base) for _, frame in video])
+    voice_s = float((audio[voiced[0]][1].pts - audio[0][1].pts) * audio[0][1].time_base)
     onset_frame = np.flatnonzero(video_s <= voice_s)
     if len(onset_frame):
         result["frame_latency_ms"] = round((video[onset_frame[-1]][0] - onset_sent) * 1000, 1)

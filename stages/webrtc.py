@@ -35,11 +35,17 @@ from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError
 from av.frame import Frame
 
+from stream.clock import RTP_VIDEO_CLOCK_HZ, FrameClock
+
+# aiortc makes an encoder per sender without saying the session's frame rate: the encoders plan rate control and key
+# frames for the presets' 25 fps (frames carry their own timestamps, so another rate only shifts those plans).
+ENCODER_PLANNED_FPS = 25
+KEYFRAME_INTERVAL_S = 10   # a receiver that missed a keyframe request recovers within this
+
 if TYPE_CHECKING:
     from stages.session import LiveSession
 
 
-VIDEO_CLOCK_HZ = 90000
 
 
 class BadOffer(ValueError):
@@ -105,13 +111,13 @@ class WebRtcPeer:
 
 
 async def _listen(live: LiveSession, track: MediaStreamTrack) -> None:
-    """The browser's microphone: decoded Opus (48 kHz) folded to mono and spoken as it comes."""
-    to_mono = av.AudioResampler("s16", "mono", 48000)
+    """The browser's microphone: decoded Opus folded to mono at its own rate and spoken as it comes."""
+    to_mono = av.AudioResampler("s16", "mono")
     with contextlib.suppress(MediaStreamError):
         while True:
             frame = await track.recv()
             for out in to_mono.resample(frame):
-                live.push(out.to_ndarray().reshape(-1), 48000)
+                live.push(out.to_ndarray().reshape(-1), out.sample_rate)
 
 
 # ------------------------------------------------------------------------------------------------------- tracks
@@ -126,7 +132,7 @@ class PacedVideoTrack(MediaStreamTrack):
         super().__init__()
         self.live = live
         self.slot = 0
-        self.step = int(VIDEO_CLOCK_HZ / live.timing.fps)
+        self.slots = FrameClock(live.timing.fps, RTP_VIDEO_CLOCK_HZ)   # slot -> pts
         self.sent_at: deque[float] = deque(maxlen=int(live.timing.fps) + 1)   # the last second's frames
 
     async def recv(self) -> av.VideoFrame:
@@ -135,8 +141,8 @@ class PacedVideoTrack(MediaStreamTrack):
         image, _ = await self.live.next_video(self.slot)
         # wrapped, not copied (8 us against 130 on the event loop); each frame is a fresh array nobody writes to
         frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(image), format="bgr24")
-        frame.pts = self.slot * self.step
-        frame.time_base = Fraction(1, VIDEO_CLOCK_HZ)
+        frame.pts = self.slots.start(self.slot)
+        frame.time_base = Fraction(1, RTP_VIDEO_CLOCK_HZ)
         self.slot += 1
         self.sent_at.append(time.monotonic())
         return frame
@@ -157,7 +163,7 @@ class PacedAudioTrack(MediaStreamTrack):
     """
 
     kind = "audio"
-    BITRATE = 48000   # ample for one voice
+    BITRATE = 48_000   # bit/s: ample for one voice
 
     def __init__(self, live: LiveSession) -> None:
         super().__init__()
@@ -208,7 +214,7 @@ def _video_context(name: str, frame: av.VideoFrame, bitrate: int, options: dict[
     codec.width, codec.height = frame.width, frame.height
     codec.bit_rate = bitrate
     codec.pix_fmt = "yuv420p"
-    codec.time_base = Fraction(1, VIDEO_CLOCK_HZ)
+    codec.time_base = Fraction(1, RTP_VIDEO_CLOCK_HZ)
     codec.thread_count = 1   # one thread per encoder: libvpx with two collapses on a busy core (cpu-limits.md)
     codec.options = options
     return codec
@@ -229,7 +235,7 @@ class LiveVp8Encoder(Vp8Encoder):
                 # constant bitrate with a one-second buffer: what congestion control asks for is what goes out
                 "minrate": str(bitrate), "maxrate": str(bitrate), "bufsize": str(bitrate),
                 "undershoot-pct": "100", "overshoot-pct": "15"})
-            self.codec.gop_size = 10 * 25   # a receiver that missed a keyframe request recovers within 10 s
+            self.codec.gop_size = KEYFRAME_INTERVAL_S * ENCODER_PLANNED_FPS
         return super().encode(frame, force_keyframe)
 
 
@@ -243,7 +249,7 @@ class LiveH264Encoder(H264Encoder):
             self.buffer_data, self.buffer_pts = b"", None
             self.codec = _video_context("libx264", frame, self.target_bitrate,
                                         {"preset": "ultrafast", "tune": "zerolatency", "level": "31"})
-            self.codec.framerate = Fraction(25)
+            self.codec.framerate = Fraction(ENCODER_PLANNED_FPS)
             self.codec.profile = "Baseline"
         return super().encode(frame, force_keyframe)
 

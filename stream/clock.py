@@ -9,6 +9,12 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+RTP_VIDEO_CLOCK_HZ = 90_000   # RTP's clock for every video payload (RFC 3551): live video pts count it
+
+
+def seconds_of_ns(nanoseconds: int | float) -> float:
+    return nanoseconds / 1e9
+
 
 def resampled_length(samples: int, from_hz: int, to_hz: int) -> int:
     """How many samples at `to_hz` cover `samples` at `from_hz` (rounded up: nothing is cut off)."""
