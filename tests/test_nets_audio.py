@@ -13,6 +13,8 @@ from stages.nets.audio2coeff import Audio2Exp, PoseGenerator  # noqa: E402
 from stages.nets.face3d import ReconNet, coefficients_70  # noqa: E402
 from tests.sadtalker_files import PREFIXES, REFERENCE, random_sections, unprefixed  # noqa: E402
 
+pytestmark = pytest.mark.slow  # SadTalker's networks on the CPU
+
 UNBUILT_POSE_PARTS = ("netG.encoder.", "netD_motion.")
 
 

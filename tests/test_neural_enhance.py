@@ -30,6 +30,8 @@ from stages.sadtalker_crop import five_points  # noqa: E402
 from stream.device import Placement  # noqa: E402
 from tests.conftest import PORTRAIT, run_cli, speech_clip  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the enhancers' networks on the CPU
+
 PLACEMENT = Placement("cpu", "float32")
 
 

@@ -374,6 +374,7 @@ def test_comments_and_continuations_are_read_as_a_user_reads_them() -> None:
     assert readme_commands(text) == ["talkstream a", "talkstream b --c d"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", readme_commands(README.read_text()), ids=lambda command: command[:60])
 def test_the_readme_command_works_as_typed(command: str, scene: tuple[Path, dict[str, str]]) -> None:
     work, env = scene
