@@ -74,6 +74,7 @@ def run_cli(*args: str | Path, stdin: bytes | None = None, timeout: float = 300,
 def sadtalker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint folder as a SadTalker user has it, with the spec's random weights in the official layouts."""
     pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
     from tests.sadtalker_files import write_official_files
 
     return write_official_files(tmp_path_factory.mktemp("sadtalker") / "checkpoints")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,9 +114,3 @@ def write_official_files(directory: Path, size: int = 256, *, legacy: bool = Fal
     torch.save({"mapping": _torch_state(sections["F"]), "epoch": 229}, directory / "mapping_00229-model.pth.tar")
     torch.save({"mapping": _torch_state(sections["G"]), "epoch": 109}, directory / "mapping_00109-model.pth.tar")
     return directory
-
-
-def iter_reference() -> Iterator[tuple[str, np.ndarray]]:
-    with np.load(REFERENCE) as reference:
-        for key in reference.files:
-            yield key, reference[key]

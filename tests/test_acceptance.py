@@ -17,6 +17,8 @@ import pytest
 from tests import quality
 from tests.conftest import PORTRAIT, ROOT, SPEECH, VISEMES, run_cli
 
+pytestmark = pytest.mark.slow  # renders through the CLI, measured with dlib
+
 FPS = 25
 
 

@@ -127,7 +127,8 @@ def requires(package: str) -> None:
         pytest.skip(f"{package} is not installed")
 
 
-@pytest.mark.parametrize("package", ["torch", "safetensors"])
+# Hiding safetensors, the render loads torch first: seconds.
+@pytest.mark.parametrize("package", ["torch", pytest.param("safetensors", marks=pytest.mark.slow)])
 def test_the_sadtalker_backend_without_its_extra_names_the_pip_command(tmp_path: Path, out: Path, package: str):
     from stages.nets.checkpoints import MAPPING_FILES, safetensors_name
 
@@ -154,6 +155,7 @@ def test_a_neural_enhancer_without_torch_names_the_pip_command(tmp_path: Path, o
     assert_user_error(result, out, f"the {enhancer} enhancer", "No module named 'torch'", "pip install -e '.[enhance]'")
 
 
+@pytest.mark.slow  # imports torch and torchvision
 def test_gfpgan_without_the_gfpgan_package_names_the_pip_command(tmp_path: Path, out: Path):
     torch = pytest.importorskip("torch")
     requires("torchvision")

@@ -35,7 +35,7 @@ PLAYING = ("() => { const v = document.querySelector('video');"
 # what Chromium logs for every HTTP error a fetch gets: expected where the test makes the server fail
 HTTP_ERROR = re.compile(r"Failed to load resource: the server responded with a status of 5\d\d")
 
-pytestmark = [pytest.mark.timeout(180),
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed "
                                  "(./scripts/test.sh installs it when run as root)")]
 

@@ -73,6 +73,7 @@ def test_bench_counts_one_warm_run_in_the_singular():
     assert "ultra_fast, 1 warm run each" in result.stdout.decode()
 
 
+@pytest.mark.slow  # doctor renders a second of speech
 def test_doctor_checks_what_serve_needs_and_says_how_to_get_the_programs_the_pipes_use():
     path = Path(sys.executable).parent  # no ffmpeg, no ffplay
     result = subprocess.run([sys.executable, "-m", "stream.cli", "doctor"], capture_output=True, timeout=300, cwd=ROOT,

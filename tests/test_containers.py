@@ -17,6 +17,8 @@ import pytest
 
 from tests.conftest import PORTRAIT, ROOT, run_cli, speech_clip
 
+pytestmark = pytest.mark.slow  # renders through the CLI
+
 FPS = 25
 CLIP_SAMPLES = 25600  # 1.6 s at 16 kHz: 40 frames
 

@@ -48,6 +48,7 @@ async def run_live(avatar: Avatar, pcm: np.ndarray, *, slots: int, push_at_block
     return video, audio
 
 
+@pytest.mark.slow  # seconds on the real clock
 def test_voice_and_frames_start_together_and_idle_fills_the_silence(avatar: Avatar, tmp_path: Path) -> None:
     pcm = read_pcm(speech_clip(tmp_path / "one.wav", 16000))
     video, audio = asyncio.run(run_live(avatar, pcm, slots=60, push_at_block=10))
@@ -77,6 +78,7 @@ def test_a_latency_below_what_the_frames_need_is_refused(avatar: Avatar) -> None
         avatar.open_live(latency_ms=50)
 
 
+@pytest.mark.slow  # seconds on the real clock
 def test_interrupt_silences_the_voice_and_returns_to_idle(avatar: Avatar, tmp_path: Path) -> None:
     pcm = read_pcm(speech_clip(tmp_path / "two.wav", 32000))
     video, audio = asyncio.run(run_live(avatar, pcm, slots=50, push_at_block=5, interrupt_at_block=50))

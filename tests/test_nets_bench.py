@@ -13,6 +13,8 @@ pytest.importorskip("torch")
 
 from tests.conftest import ROOT  # noqa: E402
 
+pytestmark = pytest.mark.slow  # SadTalker's networks on the CPU
+
 
 def test_the_networks_bench_times_both_paths_with_torch_alone(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"

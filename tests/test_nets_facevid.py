@@ -25,6 +25,8 @@ from stages.nets.facevid2vid import (  # noqa: E402
 from stages.nets.mapping import HeadMotion, MappingNet, keypoint_transformation  # noqa: E402
 from tests.sadtalker_files import PREFIXES, REFERENCE, inventory, random_sections, unprefixed  # noqa: E402
 
+pytestmark = pytest.mark.slow  # SadTalker's networks on the CPU
+
 PARITY = 1e-4  # of the reference's largest magnitude (spec rule)
 CACHING = 5e-5  # absolute, fp32 (1/80 of a grey level): caching and batching must not change the function; a
 # batch of 3 sums in another order than 3 of 1 (1.6e-5 seen on this CPU)

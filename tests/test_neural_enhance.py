@@ -3,6 +3,7 @@ checkpoint layout (`params_ema`), loaded through our loader; the template warp; 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import av
@@ -11,6 +12,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+if importlib.util.find_spec("gfpgan") is None:  # found, not imported: that needs import_architectures' alias first
+    pytest.skip("gfpgan is not installed", allow_module_level=True)
 
 from stages.enhance import (  # noqa: E402
     TEMPLATE_512,
@@ -25,6 +29,8 @@ from stages.portrait import DlibDetector  # noqa: E402
 from stages.sadtalker_crop import five_points  # noqa: E402
 from stream.device import Placement  # noqa: E402
 from tests.conftest import PORTRAIT, run_cli, speech_clip  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the enhancers' networks on the CPU
 
 PLACEMENT = Placement("cpu", "float32")
 

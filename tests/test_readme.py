@@ -216,12 +216,17 @@ def run_by_ci(command: str, work: Path, env: dict[str, str]) -> None:
     assert [line for line in ci if line and not line.startswith(("#", "set ", "cd "))] == [f"exec {command}"]
 
 
+EXTRA_MODULES = {"sadtalker": ("torch", "safetensors"), "enhance": ("torch", "torchvision", "gfpgan")}
+
+
 def pip_installs(command: str, work: Path, env: dict[str, str]) -> None:
-    """The extra installs into the quick start's environment (already there: pip only checks)."""
+    """The extra installs into the quick start's environment (already there: pip only checks). Without it, skipped:
+    the command would download gigabytes into the environment the tests run in, midway through them."""
     extra = re.search(r"\[(\w+)\]", command).group(1)
+    if missing := [module for module in EXTRA_MODULES[extra] if not _has(module)]:
+        pytest.skip(f"{', '.join(missing)} not installed (the {extra} extra)")
     _run(command, ROOT, env)
     assert subprocess.run([sys.executable, "-m", "pip", "show", "talkstream"], capture_output=True).returncode == 0
-    assert extra in ("sadtalker", "enhance")
 
 
 def serves(*, token: bool) -> Check:
@@ -374,6 +379,7 @@ def test_comments_and_continuations_are_read_as_a_user_reads_them() -> None:
     assert readme_commands(text) == ["talkstream a", "talkstream b --c d"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", readme_commands(README.read_text()), ids=lambda command: command[:60])
 def test_the_readme_command_works_as_typed(command: str, scene: tuple[Path, dict[str, str]]) -> None:
     work, env = scene

@@ -26,6 +26,7 @@ def speech_seconds(path: Path) -> float:
         return wav.getnframes() / wav.getframerate()
 
 
+@pytest.mark.slow
 def test_mp4_has_h264_and_aac_and_lasts_as_long_as_the_speech(tmp_path: Path):
     out = tmp_path / "talk.mp4"
     result = run_cli("render", PORTRAIT, SPEECH, "-o", out, "--preset", "fast")
@@ -47,6 +48,7 @@ def test_mp4_has_h264_and_aac_and_lasts_as_long_as_the_speech(tmp_path: Path):
     assert not list(tmp_path.glob(".talk.mp4*"))
 
 
+@pytest.mark.slow
 def test_rawvideo_keeps_every_pixel_outside_the_face_crop(tmp_path: Path):
     portrait = cv2.imread(str(PORTRAIT))
     for blend in ("alpha", "feather", "pyramid"):
@@ -64,6 +66,7 @@ def test_rawvideo_keeps_every_pixel_outside_the_face_crop(tmp_path: Path):
         assert np.array_equal(frames[:, outside], np.broadcast_to(portrait[outside], frames[:, outside].shape))
 
 
+@pytest.mark.slow
 def test_silent_audio_renders_the_face_at_rest(tmp_path: Path):
     silence = tmp_path / "silence.wav"
     with wave.open(str(silence), "wb") as wav:
@@ -79,6 +82,7 @@ def test_silent_audio_renders_the_face_at_rest(tmp_path: Path):
     assert mouths.std(axis=0).mean() < 1.0  # still and silent: the mouth does not move
 
 
+@pytest.mark.slow
 def test_several_faces_animate_the_largest_and_say_so(tmp_path: Path):
     portrait = cv2.imread(str(PORTRAIT))
     smaller = cv2.resize(portrait, (440, 440), interpolation=cv2.INTER_AREA)
@@ -114,6 +118,7 @@ def _feed_in_real_time(pipe, data: bytes, rate: int, started: list[float]) -> No
     started.append(time.monotonic())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["nut", "y4m"])
 def test_frames_stream_out_while_speech_streams_in(fmt: str):
     data = SPEECH.read_bytes()
@@ -210,6 +215,7 @@ def stop_a_long_render(folder: Path, signum: int, *, sigint_ignored: bool = Fals
         stop(process)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, sigint_ignored, without_uvloop, status, word", [
     (signal.SIGINT, False, False, 130, "interrupted"),
     (signal.SIGINT, True, False, 130, "interrupted"),    # `sh -c 'talkstream render ... &'`: Ctrl-C must still work
@@ -232,6 +238,7 @@ def test_help_answers_without_loading_media_libraries():
     assert b"talkstream render examples/astronaut.png" in result.stdout
 
 
+@pytest.mark.slow
 def test_doctor_reports_the_landmark_licence_and_renders_a_second():
     result = run_cli("doctor")
     text = result.stdout.decode()
@@ -240,6 +247,7 @@ def test_doctor_reports_the_landmark_licence_and_renders_a_second():
     assert "1 s of speech -> 25 frames" in text
 
 
+@pytest.mark.slow
 def test_the_example_pipe_into_ffmpeg_makes_a_video_with_sound(tmp_path: Path):
     out = tmp_path / "piped.mkv"
     result = subprocess.run([str(ROOT / "examples" / "pipe_to_ffmpeg.sh"), str(PORTRAIT), str(SPEECH), str(out)],
@@ -252,6 +260,7 @@ def test_the_example_pipe_into_ffmpeg_makes_a_video_with_sound(tmp_path: Path):
     assert abs(frames - speech_seconds(SPEECH) * FPS) <= 1
 
 
+@pytest.mark.slow
 def test_a_wav_cut_short_renders_what_it_holds_and_says_so(tmp_path: Path):
     clip = speech_clip(tmp_path / "clip.wav", 32000)  # the header declares 2 s
     cut = tmp_path / "cut.wav"
@@ -267,6 +276,7 @@ def test_a_wav_cut_short_renders_what_it_holds_and_says_so(tmp_path: Path):
         assert sum(1 for _ in container.decode(video=0)) == FPS
 
 
+@pytest.mark.slow
 def test_an_odd_sized_portrait_is_padded_to_even_sides_never_cropped(tmp_path: Path):
     portrait = cv2.imread(str(PORTRAIT))[:383, :511]
     image = tmp_path / "odd.png"

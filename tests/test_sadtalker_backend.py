@@ -17,6 +17,8 @@ from stages.sinks import open_sink  # noqa: E402
 from stream.cli import run_async  # noqa: E402
 from tests.conftest import PORTRAIT, SPEECH, run_cli, speech_clip  # noqa: E402
 
+pytestmark = pytest.mark.slow  # SadTalker's networks on the CPU
+
 SMALL = "sadtalker.render_px=128"
 
 

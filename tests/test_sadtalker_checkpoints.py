@@ -23,6 +23,8 @@ from stages.nets.checkpoints import (  # noqa: E402 - after the skips
 from tests.conftest import PORTRAIT, SPEECH, run_cli  # noqa: E402
 from tests.sadtalker_files import PREFIXES, random_sections, write_official_files  # noqa: E402
 
+pytestmark = pytest.mark.slow  # random SadTalker checkpoints written and loaded
+
 BUNDLE = safetensors_name(256)
 
 

@@ -31,6 +31,8 @@ from stages.session import load_preset, speech_lead_ms  # noqa: E402
 from stream.errors import InputError  # noqa: E402
 from tests.conftest import SPEECH  # noqa: E402
 
+pytestmark = pytest.mark.slow  # SadTalker's networks on the CPU
+
 FULL = MotionSettings()                         # upstream's look-ahead everywhere
 FRAMES = 62                                     # 1 still frame + one whole pose chunk + a remainder of 29
 

@@ -74,6 +74,7 @@ def lan_address() -> str:
         return str(probe.getsockname()[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host", [None, "0.0.0.0", "lan"], ids=["default", "all-addresses", "lan-address"])
 async def test_a_plain_aiortc_peer_sees_and_hears_the_avatar_speak_a_file(host: str | None) -> None:
     if host == "lan":
@@ -114,6 +115,7 @@ async def test_a_plain_aiortc_peer_sees_and_hears_the_avatar_speak_a_file(host: 
     assert np.nanpercentile(during, 90) > 0.1                              # speaking: the mouth opens
 
 
+@pytest.mark.slow
 async def test_an_uploaded_portrait_becomes_the_streamed_face() -> None:
     portrait = cv2.imread(str(PORTRAIT))
     upload = cv2.imencode(".png", cv2.resize(portrait[:448, 32:480], (384, 384), interpolation=cv2.INTER_AREA))[1]
@@ -156,6 +158,7 @@ def test_the_serve_parser_defaults_are_the_settings_defaults(monkeypatch: pytest
     assert "(default: 4)" in " ".join(build_parser().format_help().split())
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_one_line_and_exit_2() -> None:
     with ServeProcess() as served:
         taken = subprocess.run([*talkstream_command(), "serve", "--port", str(served.port)], capture_output=True,

@@ -87,6 +87,7 @@ async def stream_speech(http: aiohttp.ClientSession, base: str, session_id: str,
     await socket.close()
 
 
+@pytest.mark.slow
 async def test_a_peer_receives_paced_speech_and_idle_and_interrupt_closes_the_mouth(server: TestServer) -> None:
     base = str(server.make_url("")).rstrip("/")
     speech = speech_16k()
@@ -194,6 +195,7 @@ async def test_bad_requests_get_their_status_and_the_server_goes_on(server: Test
         assert health.status == 200 and (await health.json())["sessions"] == 2
 
 
+@pytest.mark.slow
 async def test_h264_when_configured_and_opus_required() -> None:
     test_server = TestServer(make_app(ServerSettings(preset="ultra_fast", video_codec="H264")), host="127.0.0.1")
     await test_server.start_server()
@@ -274,6 +276,7 @@ async def settled(baseline: tuple[int, int, int], seconds: float = 10.0) -> tupl
     return live_objects()
 
 
+@pytest.mark.slow
 async def test_a_hundred_sessions_come_and_go_without_leaving_anything(server: TestServer) -> None:
     base = str(server.make_url("")).rstrip("/")
     async with aiohttp.ClientSession() as http:
@@ -328,6 +331,7 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 async def test_a_peer_that_vanishes_is_cleaned_up_within_five_seconds(server: TestServer) -> None:
     """A client killed mid-stream (SIGKILL: no RTP, RTCP, DTLS close or websocket goodbye; ICE consent alone would
     take 30 s) is noticed and its session closed within 5 s."""
