@@ -116,7 +116,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
     (work / "examples").symlink_to(ROOT / "examples")
     home = work / "home"
     home.mkdir()
-    if _has("torch") and _has("gfpgan"):
+    if all(map(_has, ("torch", "gfpgan", "safetensors"))):
         _write_model_files(home)
     env = {**os.environ, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy"}   # ffplay without a screen or speakers
