@@ -32,7 +32,6 @@ import numpy as np
 from stages.audio import (
     AAC_RATES_HZ,
     FEATURE_RATE_HZ,
-    MEL_LEAD_MS,
     AudioReader,
     FeatureChunker,
     SpeechFormat,
@@ -147,6 +146,8 @@ def speech_lead_ms(preset: Preset, settings: BackendSettings) -> float:
     mel window)."""
     frame_ms = 1000 / float(preset.video.frame_rate)
     if isinstance(settings, SadTalkerSettings):
+        from stages.sadtalker.mel import MEL_LEAD_MS
+
         if settings.motion == "offline":
             raise InputError("SadTalker's offline motion waits for the end of each utterance: a live session needs a "
                              "streaming preset (ultra_fast, fast or balanced)")
@@ -195,7 +196,7 @@ class Avatar:
         """The motion model of one session (it keeps that session's state)."""
         settings = self.settings
         if isinstance(settings, SadTalkerSettings):
-            from stages.sadtalker_motion import MotionSettings
+            from stages.sadtalker.motion import MotionSettings
 
             motion = MotionSettings(settings.pose_style, settings.expression_scale, settings.still, settings.blink,
                                     settings.seed, settings.mapping_future_frames, settings.pose_lookahead_frames,
@@ -339,7 +340,7 @@ def describe_checkpoints(directory: str | Path) -> list[tuple[str, bool, str, st
 def renderer_benchmark(avatar: Avatar, frames: int = 4) -> dict[str, Any]:
     """SadTalker's generator alone: ms per frame of our cached, batched path and of upstream's way (the source
     encoding recomputed for every frame, one frame at a time), on the same driving keypoints."""
-    from stages.sadtalker_render import renderer_speed
+    from stages.sadtalker.render import renderer_speed
 
     if avatar.face is None:
         raise InputError("the renderer benchmark is for the sadtalker backend")
@@ -381,7 +382,7 @@ def enhancer_benchmark(avatar: Avatar, batches: Iterable[int] = (1, 4)) -> dict[
 
 @_needs_extra("sadtalker", "the sadtalker backend")
 def _prepare_sadtalker(portrait: Portrait, preset: Preset, settings: SadTalkerSettings, networks: Any) -> Any:
-    from stages.sadtalker_render import RenderSettings, prepare_face
+    from stages.sadtalker.render import RenderSettings, prepare_face
     from stream.device import choose_placement, set_cpu_threads
 
     placement = choose_placement(settings.device, settings.precision)

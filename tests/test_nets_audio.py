@@ -9,9 +9,9 @@ import pytest
 import scipy.signal
 import torch
 
-from stages.audio import MelStream, mel_windows, sadtalker_mel, slaney_mel_filterbank
 from stages.nets.audio2coeff import Audio2Exp, PoseGenerator
 from stages.nets.face3d import ReconNet, coefficients_70
+from stages.sadtalker.mel import MelStream, mel_windows, sadtalker_mel, slaney_mel_filterbank
 from tests.sadtalker_files import PREFIXES, REFERENCE, random_sections, unprefixed
 
 UNBUILT_POSE_PARTS = ("netG.encoder.", "netD_motion.")
@@ -157,7 +157,7 @@ def test_pose_style_is_a_learned_offset_that_changes_motion(pose, pose_inputs):
 # --- mel features --------------------------------------------------------------------------------------------------
 
 def librosa_mel(wav: np.ndarray) -> np.ndarray:
-    """Upstream's recipe (spec §1.3) written with librosa and scipy, independently of stages.audio."""
+    """Upstream's recipe (spec §1.3) written with librosa and scipy, independently of stages.sadtalker.mel."""
     frames = len(wav) // 640
     emphasised = scipy.signal.lfilter([1, -0.97], [1], wav[: frames * 640])
     spectrum = np.abs(librosa.stft(emphasised, n_fft=800, hop_length=200, win_length=800))

@@ -12,9 +12,9 @@ from scipy.signal import resample_poly, savgol_filter
 
 torch = pytest.importorskip("torch")
 
-from stages.audio import mel_windows, sadtalker_mel  # noqa: E402
 from stages.nets.checkpoints import find_checkpoints, load_networks  # noqa: E402
-from stages.sadtalker_motion import (  # noqa: E402
+from stages.sadtalker.mel import mel_windows, sadtalker_mel  # noqa: E402
+from stages.sadtalker.motion import (  # noqa: E402
     POSE_CHUNK,
     MotionNetworks,
     MotionSettings,

@@ -17,7 +17,7 @@ import torch
 
 from stages.nets.facevid2vid import use_channels_last
 from stages.nets.mapping import keypoint_transformation
-from stages.sadtalker_motion import (
+from stages.sadtalker.motion import (
     DrivingFrame,
     MotionNetworks,
     MotionSettings,
@@ -170,7 +170,7 @@ def prepare_face(networks: Any, image: np.ndarray, landmarks: np.ndarray, *, cro
     `image` is the portrait (BGR) and `landmarks` its dlib 68 points in the same pixels.
     """
     from stages.nets.face3d import coefficients_70
-    from stages.sadtalker_crop import align_to_224, sadtalker_crop
+    from stages.sadtalker.crop import align_to_224, sadtalker_crop
 
     crop = sadtalker_crop(image, landmarks, crop_mode, size)
     aligned, trans_params = align_to_224(crop.source, crop.landmarks)

@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.audio import MelStream, mel_windows, sadtalker_mel
 from stages.nets.mapping import keypoint_transformation
+from stages.sadtalker.mel import SAMPLES_PER_FRAME, MelStream, mel_windows, sadtalker_mel
 
-SAMPLES_PER_FRAME = 640          # at 16 kHz and 25 fps: the backend's fixed frame (spec §1.3)
 POSE_CHUNK = 32                  # audio2pose's sequence length
 MAPPING_RADIUS = 13              # MappingNet sees frames t-13 .. t+13
 SMOOTH_WINDOW = 13               # Savitzky–Golay window and order (upstream's savgol_filter(pose, 13, 2))
