@@ -39,10 +39,12 @@ from stages.audio import (
     output_format,
 )
 from stages.blend import BLEND_MODES, Blender, ComposeStage
+from stages.embedded.motion import EmbeddedMotion, IdleMotion
+from stages.embedded.warp import WarpRenderer
 from stages.enhance import WISHES, Restorer, make_enhancer, prepare_restorer, resolve_enhancer
-from stages.motion import EmbeddedMotion, IdleMotion, MotionStage, SpeechBuffer
+from stages.motion import MotionStage, SpeechBuffer
 from stages.portrait import DlibDetector, Portrait, prepare_portrait
-from stages.render import RenderStage, WarpRenderer
+from stages.render import RenderStage
 from stages.sinks import Sink, check_writable, open_sink
 from stream.clock import FrameClock
 from stream.errors import InputError, PresetError, TalkstreamError
