@@ -70,7 +70,9 @@ class Timing:
 
 
 @dataclass(slots=True)
-class _Utterance:
+class _ScheduledUtterance:
+    """An utterance on the live schedule: its voice, and its frames as the renderer delivers them."""
+
     first_slot: int
     first_sample: int                 # where its voice starts on the media timeline (its first slot's start)
     opened_ns: int                    # when its first speech arrived (clock time)
@@ -121,7 +123,7 @@ class LivePacer:
         self.reanchor_ns = int(reanchor_ms * 1e6)
         self.origin_ns: int | None = None
         self.stats = PacingStats()
-        self._utterances: deque[_Utterance] = deque()
+        self._utterances: deque[_ScheduledUtterance] = deque()
         self._next_slot = 0           # the first video slot not sent yet
         self._next_sample = 0         # the first voice sample not sent yet
         # Frames still to come for utterances already let go, in order: [count, late] runs. Late frames are dropped
@@ -162,7 +164,7 @@ class LivePacer:
         if current is None or current.ended:
             slot = max(self.timing.first_slot_from(self._media_now_ns() + self.latency_ns), self._next_slot,
                        self._first_free_slot())
-            current = _Utterance(slot, slot * self.timing.frame_samples, self.clock.now_ns())
+            current = _ScheduledUtterance(slot, slot * self.timing.frame_samples, self.clock.now_ns())
             self._utterances.append(current)
         if len(voice):
             current.voice = np.concatenate([current.voice, np.asarray(voice, np.int16).reshape(-1)])
@@ -185,10 +187,10 @@ class LivePacer:
             return None
         return self._utterances[-1].end_sample * 1_000_000_000 // self.timing.rate_hz
 
-    def _frames(self, utterance: _Utterance) -> int:
+    def _frames(self, utterance: _ScheduledUtterance) -> int:
         return utterance.samples // self.timing.frame_samples
 
-    def _slots(self, utterance: _Utterance) -> int:
+    def _slots(self, utterance: _ScheduledUtterance) -> int:
         return -(-utterance.samples // self.timing.frame_samples)
 
     def _first_free_slot(self) -> int:
