@@ -103,8 +103,6 @@ class PacingStats:
     reanchors: int = 0
     speech_latency_ns: int = 0        # the last utterance's: from its first speech in to its first frame out
     least_slack_ns: int | None = None # the least time a speech frame arrived before its deadline (< 0: late)
-    voiced_blocks: int = 0
-    silent_blocks: int = 0
 
 
 class LivePacer:
@@ -272,23 +270,17 @@ class LivePacer:
         size = self.timing.block_samples
         start = block * size
         out = np.zeros(size, np.int16)
-        voiced = False
         for utterance in self._utterances:
             begin, end = max(start, utterance.first_sample), min(start + size, utterance.end_sample)
             if begin < end:
                 offset = utterance.first_sample + utterance.played
                 out[begin - start:end - start] = utterance.voice[begin - offset:end - offset]
-                voiced = True
         self._next_sample = max(self._next_sample, start + size)
         for utterance in self._utterances:  # the voice already sent is let go
             sent = min(max(0, self._next_sample - utterance.first_sample - utterance.played), len(utterance.voice))
             if sent:
                 utterance.voice = utterance.voice[sent:]
                 utterance.played += sent
-        if voiced:
-            self.stats.voiced_blocks += 1
-        else:
-            self.stats.silent_blocks += 1
         self._let_go()
         return out
 
