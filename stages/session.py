@@ -19,35 +19,33 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import cv2
 import numpy as np
 
 from stages.audio import (
     AAC_RATES_HZ,
-    FEATURE_RATE_HZ,
-    MEL_LEAD_MS,
     AudioReader,
     FeatureChunker,
     SpeechFormat,
     notice_on_stderr,
     output_format,
 )
+from stages.backend import Backend, needs_extra
 from stages.blend import BLEND_MODES, Blender, ComposeStage
+from stages.embedded.backend import EmbeddedBackend
 from stages.enhance import WISHES, Restorer, make_enhancer, prepare_restorer, resolve_enhancer
-from stages.motion import EmbeddedMotion, IdleMotion, MotionStage, SpeechBuffer
+from stages.motion import MotionModel, MotionStage, SpeechBuffer
 from stages.portrait import DlibDetector, Portrait, prepare_portrait
-from stages.render import RenderStage, WarpRenderer
+from stages.render import RenderStage
 from stages.sinks import Sink, check_writable, open_sink
 from stream.clock import FrameClock
-from stream.errors import InputError, PresetError, TalkstreamError
-from stream.frames import FaceCrop, StreamInfo, VideoFrame
+from stream.errors import InputError, PresetError
+from stream.frames import StreamInfo, VideoFrame
 from stream.pacing import Clock, LivePacer, Timing
 from stream.pipeline import DRAIN_MAX, Chain, Pipeline, Stage, run_together
 from stream.presets import DEFAULT_PRESET, Preset, PresetBook, build_section, check_choice, check_fixed
@@ -62,128 +60,59 @@ __all__ = [
     "describe_checkpoints", "enhancer_benchmark", "load_networks", "load_preset", "open_sink", "render",
     "renderer_benchmark", "speech_lead_ms",
 ]
-SADTALKER_CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")  # spec §1.1
-SADTALKER_MOTION = ("streaming", "offline")
 LIVE_RENDER_MARGIN_MS = 40   # a live frame's rendering and its hops between stages, with a busy second core
 LIVE_RATES_HZ = (16000, 24000, 48000)  # raw live PCM's rates: a 16 kHz microphone, 24 kHz TTS, Opus' 48 kHz
-# What each optional extra installs (with the packages those import): one of them missing is the install's fault.
-EXTRA_PACKAGES = {"sadtalker": ("torch", "safetensors", "PIL"),
-                  "enhance": ("torch", "torchvision", "gfpgan", "basicsr", "facexlib")}
 
 
-@dataclass(frozen=True, slots=True)
-class EmbeddedSettings:
-    """Knobs of the embedded backend ([backends.embedded] in presets.toml)."""
+def backend_named(name: str) -> type[Backend]:
+    """The backend called `name`: SadTalker's side (and torch with it) is imported only when it is chosen."""
+    if name == "embedded":
+        return EmbeddedBackend
+    if name == "sadtalker":
+        from stages.sadtalker.backend import SadTalkerBackend
 
-    seed: int
-    still: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SadTalkerSettings:
-    """Knobs of the SadTalker backend ([backends.sadtalker]; a preset may tune them in presets.NAME.backends)."""
-
-    checkpoints: str                 # the folder holding SadTalker's files (`--checkpoints DIR`)
-    size: int                        # which checkpoint: 256 or 512
-    preprocess: str                  # SadTalker's crop mode
-    pose_style: int
-    expression_scale: float
-    still: bool
-    blink: bool
-    seed: int
-    motion: str                      # streaming | offline (upstream's whole-utterance path, for file renders)
-    mapping_future_frames: int
-    pose_lookahead_frames: int
-    pose_lag_frames: int
-    device: str
-    precision: str
-    compile: bool
-    threads: int                     # torch CPU threads (0: one per core this process may use)
-    render_px: int                   # 0: the checkpoint's size; 128/256/...: render smaller (previews, tests)
-
-
-SETTINGS_BY_BACKEND: dict[str, type] = {"embedded": EmbeddedSettings, "sadtalker": SadTalkerSettings}
-SETTING_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "embedded": {},
-    "sadtalker": {
-        "size": (lambda v: v in (256, 512), "256 or 512"),
-        "preprocess": (lambda v: v in SADTALKER_CROP_MODES, "one of " + ", ".join(SADTALKER_CROP_MODES)),
-        "pose_style": (lambda v: 0 <= v <= 45, "an integer from 0 to 45"),
-        "expression_scale": (lambda v: 0 <= v <= 4, "a number from 0 to 4"),
-        "motion": (lambda v: v in SADTALKER_MOTION, "streaming or offline"),
-        "mapping_future_frames": (lambda v: 0 <= v <= 13, "an integer from 0 to 13"),
-        "pose_lookahead_frames": (lambda v: 0 <= v <= 31, "an integer from 0 to 31"),
-        "pose_lag_frames": (lambda v: 0 <= v <= 12, "an integer from 0 to 12"),
-        "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-        "precision": (lambda v: v in ("auto", "float32", "float16", "bfloat16"),
-                      "auto, float32, float16 or bfloat16"),
-        "threads": (lambda v: 0 <= v <= 256, "an integer from 0 to 256"),
-        "render_px": (lambda v: v == 0 or (v % 128 == 0 and 128 <= v <= 1024), "0 or a multiple of 128 up to 1024"),
-    },
-}
-# What each backend fixes in every preset (SadTalker: 25 fps, 640 samples a frame at 16 kHz; spec §1.3).
-FIXED_BY_BACKEND: dict[str, dict[str, Any]] = {"embedded": {}, "sadtalker": {"video.fps": 25}}
-BackendSettings = EmbeddedSettings | SadTalkerSettings
+        return SadTalkerBackend
+    raise PresetError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
 
 
 def load_preset(
     name: str = DEFAULT_PRESET, overrides: Iterable[str] = (), backend: str = "embedded", book: PresetBook | None = None
-) -> tuple[Preset, BackendSettings]:
+) -> tuple[Preset, Any]:
     """A preset validated against the backend and the stages' own choices, with the backend's settings."""
-    if backend not in BACKENDS:
-        raise PresetError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    kind = backend_named(backend)
     book = book or PresetBook()
     preset, backends = book.get(name, overrides)
-    check_fixed(preset, FIXED_BY_BACKEND[backend], backend)
+    check_fixed(preset, kind.fixed, backend)
     check_choice(preset, "blend.mode", BLEND_MODES)
     check_choice(preset, "enhance.enhancer", WISHES)
-    settings = build_section(SETTINGS_BY_BACKEND[backend], backends.get(backend, {}), backend, SETTING_CHECKS[backend])
+    settings = build_section(kind.settings_class, backends.get(backend, {}), backend, kind.setting_checks)
     return preset, settings
 
 
-def speech_lead_ms(preset: Preset, settings: BackendSettings) -> float:
+def speech_lead_ms(preset: Preset, settings: Any) -> float:
     """How far past a frame's start the speech must have arrived before the frame can be made: the frame itself and
     the motion's look-ahead (SadTalker: MappingNet's future frames, the pose's look-ahead and smoother lag, and the
     mel window)."""
-    frame_ms = 1000 / float(preset.video.frame_rate)
-    if isinstance(settings, SadTalkerSettings):
-        if settings.motion == "offline":
-            raise InputError("SadTalker's offline motion waits for the end of each utterance: a live session needs a "
-                             "streaming preset (ultra_fast, fast or balanced)")
-        future = settings.mapping_future_frames + settings.pose_lookahead_frames + settings.pose_lag_frames
-        return future * frame_ms + MEL_LEAD_MS
-    return frame_ms + preset.motion.lookahead_ms
+    return backend_named(settings.backend).speech_lead_ms(preset, settings)
 
 
 class Avatar:
-    """A portrait prepared for one preset and backend: the picture, where the face goes, the renderer, the
+    """A portrait prepared for one preset and backend: the picture, where the face goes, the backend's renderer, the
     paste-back mask and the enhancer's network, built once and only read by the sessions opened on it."""
 
-    def __init__(self, portrait: Portrait, preset: Preset, settings: BackendSettings, *, face: Any = None,
+    def __init__(self, portrait: Portrait, preset: Preset, settings: Any, backend: Backend, *,
                  enhancer: str | None = None, restorer: Restorer | None = None) -> None:
-        """`enhancer` is what `resolve_enhancer` chose (default: the preset's own name, when it is one); a neural
-        one comes with its loaded `restorer`."""
+        """`backend` is the face the backend prepared from `portrait`; `enhancer` is what `resolve_enhancer` chose
+        (default: the preset's own name, when it is one); a neural one comes with its loaded `restorer`."""
         self.portrait = portrait
         self.preset = preset
         self.settings = settings
-        self.face = face
-        if face is None:
-            self.renderer: Any = WarpRenderer(portrait.crop, portrait.landmarks)
-            self.image, self.roi = portrait.image, portrait.roi
-            x0, y0, x1, y1 = portrait.roi
-            self.mask = self.renderer.mask
-            if portrait.scale != 1.0:
-                self.mask = cv2.resize(self.mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-        else:
-            self.renderer, self.image, self.roi, self.mask = face.renderer, face.image, face.roi, face.mask
+        self.backend = backend
+        self.image, self.roi, self.mask = backend.image, backend.roi, backend.mask
         self.enhancer = enhancer or preset.enhance.enhancer
         self.restorer = restorer
-        # A neural enhancer aligns each frame by its landmarks: SadTalker frames have them found in the known box.
-        self.locate = face.landmark_locator(DlibDetector()) if face is not None and restorer is not None else None
-
-    @property
-    def backend(self) -> str:
-        return "embedded" if self.face is None else "sadtalker"
+        # A neural enhancer aligns each frame by its landmarks: where the crops carry none, the backend finds them.
+        self.locate = backend.landmark_locator() if restorer is not None else None
 
     def compose_stage(self) -> ComposeStage:
         """Paste-back and enhancer keep scratch buffers: every session gets its own."""
@@ -191,43 +120,18 @@ class Avatar:
                             make_enhancer(self.enhancer, self.roi, self.mask, restorer=self.restorer,
                                           locate=self.locate))
 
-    def motion_model(self) -> Any:
+    def motion_model(self) -> MotionModel:
         """The motion model of one session (it keeps that session's state)."""
-        settings = self.settings
-        if isinstance(settings, SadTalkerSettings):
-            from stages.sadtalker_motion import MotionSettings
-
-            motion = MotionSettings(settings.pose_style, settings.expression_scale, settings.still, settings.blink,
-                                    settings.seed, settings.mapping_future_frames, settings.pose_lookahead_frames,
-                                    settings.pose_lag_frames)
-            return self.face.motion_model(motion, offline=settings.motion == "offline")
-        fps = self.preset.video.frame_rate
-        return EmbeddedMotion(fps=fps, sample_rate_hz=FEATURE_RATE_HZ, lookahead_ms=self.preset.motion.lookahead_ms,
-                              seed=settings.seed, still=settings.still)
+        return self.backend.motion_model()
 
     def render_stage(self) -> RenderStage:
-        """The embedded renderer knows the 68 points each crop shows: a neural enhancer aligns faces by them."""
-        landmarks = self.renderer.landmarks_for if self.restorer is not None and self.face is None else None
-        render = self.preset.render
-        return RenderStage(self.renderer, render.max_batch, render.max_wait_ms, landmarks=landmarks)
+        """Crops carry their landmarks where a neural enhancer aligns faces by them."""
+        return self.backend.render_stage(with_landmarks=self.restorer is not None)
 
     def idle_painter(self, seed: int = 0) -> Callable[[int, float], np.ndarray]:
         """(frame index, media time s) -> an idle frame (BGR), made just in time: blinks and the head's sway at
         rest for the embedded backend, the portrait itself for SadTalker (seconds a frame on a CPU)."""
-        if self.face is not None:
-            return lambda index, time_s: self.image
-        still = bool(getattr(self.settings, "still", False))
-        motion = IdleMotion(fps=self.preset.video.frame_rate, seed=seed, still=still)
-        compose = self.compose_stage()
-        landmarks = self.render_stage().landmarks
-
-        def paint(index: int, time_s: float) -> np.ndarray:
-            pose = motion.at(index, time_s)
-            crop = FaceCrop(index, self.renderer.render(pose), np.zeros((0, 1), np.int16),
-                            None if landmarks is None else landmarks(pose))
-            return compose.compose_batch([crop])[0].image
-
-        return paint
+        return self.backend.idle_painter(self.compose_stage(), seed, with_landmarks=self.restorer is not None)
 
     @property
     def speech_lead_ms(self) -> float:
@@ -264,27 +168,25 @@ class Avatar:
         """Load the portrait, find the face (cached), and build everything per-frame work will only read.
 
         `checkpoints` is the folder with the official model files (SadTalker's, and GFPGANv1.4.pth or
-        RestoreFormer.pth for the neural enhancers); `networks` (from `load_sadtalker`) lets several avatars share
+        RestoreFormer.pth for the neural enhancers); `networks` (from `load_networks`) lets several avatars share
         one loaded set. `strict`: a missing enhancer file is an error instead of a fallback with a notice.
         """
         if checkpoints is not None:
             overrides = [*overrides, f"sadtalker.checkpoints={str(checkpoints)!r}"]
         resolved, settings = load_preset(preset, overrides, backend)
-        if isinstance(settings, SadTalkerSettings):
-            checkpoints = settings.checkpoints or None
+        kind = backend_named(backend)
+        checkpoints = kind.checkpoint_folder(settings) or checkpoints
         enhance = resolved.enhance
         choice = resolve_enhancer(enhance.enhancer, checkpoints, device=enhance.device, strict=strict, notice=notice)
         prepared = prepare_portrait(portrait, max_side_px=resolved.video.max_side_px,
                                     crop_size=resolved.render.crop_size, cache_dir=cache_dir, name=name)
         if prepared.faces_found > 1:
             notice(f"found {prepared.faces_found} faces; animating the largest")
-        face = None
-        if isinstance(settings, SadTalkerSettings):
-            face = _prepare_sadtalker(prepared, resolved, settings, networks)
-        with _needs_extra("enhance", f"the {choice.name} enhancer"):
+        face = kind.prepare(prepared, resolved, settings, networks)
+        with needs_extra("enhance", f"the {choice.name} enhancer"):
             restorer = prepare_restorer(choice, device=enhance.device, max_batch=enhance.max_batch,
                                         threads=enhance.threads, notice=notice)
-        return cls(prepared, resolved, settings, face=face, enhancer=choice.name, restorer=restorer)
+        return cls(prepared, resolved, settings, face, enhancer=choice.name, restorer=restorer)
 
     def open_session(self, speech_rate_hz: int, speech_channels: int = 1, *,
                      profiler: Profiler | None = None) -> Session:
@@ -296,54 +198,30 @@ class Avatar:
         return Session(self, speech, profiler=profiler)
 
 
-@contextlib.contextmanager
-def _needs_extra(extra: str, feature: str) -> Iterator[None]:
-    """An extra that is not installed is one line naming the pip command, not an ImportError traceback."""
-    try:
-        yield
-    except ImportError as error:
-        if (error.name or "").partition(".")[0] not in EXTRA_PACKAGES[extra]:
-            raise
-        raise TalkstreamError(f"{feature} needs the [{extra}] extra ({error}): pip install -e '.[{extra}]'") from error
-
-
-@_needs_extra("sadtalker", "the sadtalker backend")
-def load_sadtalker(settings: SadTalkerSettings) -> Any:
-    """Find and load SadTalker's networks for these settings (seconds: share the result between avatars)."""
-    from stages.nets.checkpoints import find_checkpoints, load_networks
-
-    if not settings.checkpoints:
-        raise InputError("the sadtalker backend needs SadTalker's checkpoint files: --checkpoints DIR")
-    return load_networks(find_checkpoints(settings.checkpoints, settings.size, settings.preprocess))
-
-
 def load_networks(backend: str, checkpoints: str | Path | None, overrides: Iterable[str] = ()) -> Any:
     """The loaded networks a backend's avatars can share (None for the embedded backend, which has none)."""
-    if backend != "sadtalker":
-        return None
     extra = [f"sadtalker.checkpoints={str(checkpoints)!r}"] if checkpoints is not None else []
     _, settings = load_preset(overrides=[*overrides, *extra], backend=backend)
-    assert isinstance(settings, SadTalkerSettings)
-    return load_sadtalker(settings)
+    return backend_named(backend).load_shared_networks(settings)
 
 
 def describe_checkpoints(directory: str | Path) -> list[tuple[str, bool, str, str]]:
     """(file set, usable, detail, fix) for what a checkpoint folder holds (for `talkstream doctor`): SadTalker's
     networks and the neural enhancers, each file loaded."""
-    from stages.nets.checkpoints import describe_checkpoints as describe
+    from stages.nets.checkpoints import describe_sadtalker_files
     from stages.nets.restorers import describe_restorers
 
-    return [*describe(directory), *describe_restorers(directory)]
+    return [*describe_sadtalker_files(directory), *describe_restorers(directory)]
 
 
 def renderer_benchmark(avatar: Avatar, frames: int = 4) -> dict[str, Any]:
     """SadTalker's generator alone: ms per frame of our cached, batched path and of upstream's way (the source
     encoding recomputed for every frame, one frame at a time), on the same driving keypoints."""
-    from stages.sadtalker_render import renderer_speed
-
-    if avatar.face is None:
+    if avatar.backend.name != "sadtalker":
         raise InputError("the renderer benchmark is for the sadtalker backend")
-    return renderer_speed(avatar.face.renderer, frames)
+    from stages.sadtalker.render import renderer_speed
+
+    return renderer_speed(avatar.backend.renderer, frames)
 
 
 def enhancer_benchmark(avatar: Avatar, batches: Iterable[int] = (1, 4)) -> dict[str, Any]:
@@ -357,10 +235,7 @@ def enhancer_benchmark(avatar: Avatar, batches: Iterable[int] = (1, 4)) -> dict[
     if enhancer is None:
         raise InputError("the enhancer benchmark needs an enhancer (the preset has none)")
     x0, y0, x1, y1 = avatar.roi
-    if avatar.face is not None:
-        landmarks = None  # found in each frame, as in a SadTalker session
-    else:
-        landmarks = avatar.portrait.landmarks / avatar.portrait.scale + np.array([x0, y0], np.float32)
+    landmarks = avatar.backend.portrait_landmarks()  # None: found in each frame, as in a SadTalker session
     timings = {}
     for batch in batches:
         if avatar.restorer is not None:
@@ -377,25 +252,6 @@ def enhancer_benchmark(avatar: Avatar, batches: Iterable[int] = (1, 4)) -> dict[
             "device": restorer.placement.device if restorer else "cpu",
             "precision": restorer.placement.precision if restorer else "uint8/float32",
             "ms_per_frame_by_batch": timings}
-
-
-@_needs_extra("sadtalker", "the sadtalker backend")
-def _prepare_sadtalker(portrait: Portrait, preset: Preset, settings: SadTalkerSettings, networks: Any) -> Any:
-    from stages.sadtalker_render import RenderSettings, prepare_face
-    from stream.device import choose_placement, set_cpu_threads
-
-    placement = choose_placement(settings.device, settings.precision)
-    if not placement.is_cuda:
-        set_cpu_threads(settings.threads)
-    networks = networks or load_sadtalker(settings)
-    x0, y0 = portrait.roi[:2]
-    landmarks = portrait.landmarks / portrait.scale + np.array([x0, y0], np.float32)
-    # On a CPU a bigger batch costs more per frame (spec §3.2): batches are for GPUs.
-    render = RenderSettings(max_batch=preset.render.max_batch if placement.is_cuda else 1, compile=settings.compile)
-    face = prepare_face(networks, portrait.image, landmarks, crop_mode=settings.preprocess,
-                        size=settings.render_px or settings.size, placement=placement, settings=render)
-    face.renderer.measure_batch()
-    return face
 
 
 class _Closing:

@@ -70,7 +70,9 @@ class Timing:
 
 
 @dataclass(slots=True)
-class _Utterance:
+class _ScheduledUtterance:
+    """An utterance on the live schedule: its voice, and its frames as the renderer delivers them."""
+
     first_slot: int
     first_sample: int                 # where its voice starts on the media timeline (its first slot's start)
     opened_ns: int                    # when its first speech arrived (clock time)
@@ -101,8 +103,6 @@ class PacingStats:
     reanchors: int = 0
     speech_latency_ns: int = 0        # the last utterance's: from its first speech in to its first frame out
     least_slack_ns: int | None = None # the least time a speech frame arrived before its deadline (< 0: late)
-    voiced_blocks: int = 0
-    silent_blocks: int = 0
 
 
 class LivePacer:
@@ -121,7 +121,7 @@ class LivePacer:
         self.reanchor_ns = int(reanchor_ms * 1e6)
         self.origin_ns: int | None = None
         self.stats = PacingStats()
-        self._utterances: deque[_Utterance] = deque()
+        self._utterances: deque[_ScheduledUtterance] = deque()
         self._next_slot = 0           # the first video slot not sent yet
         self._next_sample = 0         # the first voice sample not sent yet
         # Frames still to come for utterances already let go, in order: [count, late] runs. Late frames are dropped
@@ -162,7 +162,7 @@ class LivePacer:
         if current is None or current.ended:
             slot = max(self.timing.first_slot_from(self._media_now_ns() + self.latency_ns), self._next_slot,
                        self._first_free_slot())
-            current = _Utterance(slot, slot * self.timing.frame_samples, self.clock.now_ns())
+            current = _ScheduledUtterance(slot, slot * self.timing.frame_samples, self.clock.now_ns())
             self._utterances.append(current)
         if len(voice):
             current.voice = np.concatenate([current.voice, np.asarray(voice, np.int16).reshape(-1)])
@@ -185,10 +185,10 @@ class LivePacer:
             return None
         return self._utterances[-1].end_sample * 1_000_000_000 // self.timing.rate_hz
 
-    def _frames(self, utterance: _Utterance) -> int:
+    def _frames(self, utterance: _ScheduledUtterance) -> int:
         return utterance.samples // self.timing.frame_samples
 
-    def _slots(self, utterance: _Utterance) -> int:
+    def _slots(self, utterance: _ScheduledUtterance) -> int:
         return -(-utterance.samples // self.timing.frame_samples)
 
     def _first_free_slot(self) -> int:
@@ -270,23 +270,17 @@ class LivePacer:
         size = self.timing.block_samples
         start = block * size
         out = np.zeros(size, np.int16)
-        voiced = False
         for utterance in self._utterances:
             begin, end = max(start, utterance.first_sample), min(start + size, utterance.end_sample)
             if begin < end:
                 offset = utterance.first_sample + utterance.played
                 out[begin - start:end - start] = utterance.voice[begin - offset:end - offset]
-                voiced = True
         self._next_sample = max(self._next_sample, start + size)
         for utterance in self._utterances:  # the voice already sent is let go
             sent = min(max(0, self._next_sample - utterance.first_sample - utterance.played), len(utterance.voice))
             if sent:
                 utterance.voice = utterance.voice[sent:]
                 utterance.played += sent
-        if voiced:
-            self.stats.voiced_blocks += 1
-        else:
-            self.stats.silent_blocks += 1
         self._let_go()
         return out
 

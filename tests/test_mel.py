@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from stages.audio import MelStream, mel_windows, sadtalker_mel, slaney_mel_filterbank
+from stages.sadtalker.mel import MelStream, mel_windows, sadtalker_mel, slaney_mel_filterbank
 from tests.sadtalker_files import REFERENCE
 
 
@@ -25,7 +25,7 @@ def assert_parity(ours: np.ndarray, upstream: np.ndarray) -> None:
 
 
 def librosa_mel(wav: np.ndarray) -> np.ndarray:
-    """Upstream's recipe (spec §1.3) written with librosa and scipy, independently of stages.audio."""
+    """Upstream's recipe (spec §1.3) written with librosa and scipy, independently of stages.sadtalker.mel."""
     frames = len(wav) // 640
     emphasised = scipy.signal.lfilter([1, -0.97], [1], wav[: frames * 640])
     spectrum = np.abs(librosa.stft(emphasised, n_fft=800, hop_length=200, win_length=800))

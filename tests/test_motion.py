@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from stages.motion import EmbeddedMotion, Expression
+from stages.embedded.motion import EmbeddedMotion, Expression
 
 ROOT = Path(__file__).resolve().parent.parent
 VISEMES = ROOT / "tests" / "data" / "visemes"

@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from stages.audio import mel_windows  # noqa: E402 - after the skip
-from stages.nets.audio2coeff import Audio2Exp, PoseGenerator  # noqa: E402
+from stages.nets.audio2coeff import Audio2Exp, PoseGenerator  # noqa: E402 - after the skip
 from stages.nets.face3d import ReconNet, coefficients_70  # noqa: E402
+from stages.sadtalker.mel import mel_windows  # noqa: E402
 from tests.sadtalker_files import PREFIXES, REFERENCE, random_sections, unprefixed  # noqa: E402
 
 pytestmark = pytest.mark.slow  # SadTalker's networks on the CPU

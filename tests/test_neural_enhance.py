@@ -25,8 +25,7 @@ from stages.enhance import (  # noqa: E402
 )
 from stages.nets.checkpoints import CheckpointError  # noqa: E402
 from stages.nets.restorers import import_architectures, load_restorer  # noqa: E402
-from stages.portrait import DlibDetector  # noqa: E402
-from stages.sadtalker_crop import five_points  # noqa: E402
+from stages.portrait import DlibDetector, five_points  # noqa: E402
 from stream.device import Placement  # noqa: E402
 from tests.conftest import PORTRAIT, run_cli, speech_clip  # noqa: E402
 
@@ -164,7 +163,7 @@ def test_enhanced_frames_do_not_depend_on_their_batch_or_the_run(restorer: Resto
 
 
 def test_sadtalker_frames_find_their_landmarks_in_the_known_box(astronaut) -> None:
-    from stages.sadtalker_render import SadTalkerFace
+    from stages.sadtalker.render import SadTalkerFace
 
     image, landmarks = astronaut
     face = SadTalkerFace(image, (0, 0, image.shape[1], image.shape[0]), np.ones(image.shape[:2], np.float32),

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.motion import Expression
+from stages.embedded.motion import Expression
+from stages.embedded.warp import WarpRenderer
 from stages.portrait import crop_box
-from stages.render import WarpRenderer
 from tests.quality import FaceMeasurer, mouth_geometry
 
 PORTRAIT = Path(__file__).resolve().parent.parent / "examples" / "astronaut.png"

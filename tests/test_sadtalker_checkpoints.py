@@ -15,9 +15,9 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from stages.nets.checkpoints import (  # noqa: E402 - after the skips
     CheckpointError,
-    describe_checkpoints,
+    describe_sadtalker_files,
     find_checkpoints,
-    load_networks,
+    load_sadtalker_networks,
     safetensors_name,
 )
 from tests.conftest import PORTRAIT, SPEECH, run_cli  # noqa: E402
@@ -30,7 +30,7 @@ BUNDLE = safetensors_name(256)
 
 @pytest.fixture(scope="module")
 def networks(sadtalker_dir: Path):
-    return load_networks(find_checkpoints(sadtalker_dir, 256, "crop"))
+    return load_sadtalker_networks(find_checkpoints(sadtalker_dir, 256, "crop"))
 
 
 def _bundle_state() -> dict[str, np.ndarray]:
@@ -72,13 +72,13 @@ def test_every_network_gets_the_files_tensors(networks) -> None:
 def test_full_modes_take_the_73_input_mapping_file(sadtalker_dir: Path) -> None:
     files = find_checkpoints(sadtalker_dir, 256, "full")
     assert files.mapping.name == "mapping_00109-model.pth.tar" and files.mapping_inputs == 73
-    mapping = load_networks(files).mapping.state_dict()
+    mapping = load_sadtalker_networks(files).mapping.state_dict()
     for key, value in random_sections("ABCDEFG")["G"].items():
         np.testing.assert_array_equal(mapping[key].numpy(), value)
 
 
 def test_legacy_files_load_the_same_weights(tmp_path: Path, networks) -> None:
-    legacy = load_networks(find_checkpoints(write_official_files(tmp_path / "old", legacy=True), 256, "crop"))
+    legacy = load_sadtalker_networks(find_checkpoints(write_official_files(tmp_path / "old", legacy=True), 256, "crop"))
     assert legacy.files.bundle is None and "facevid2vid_00189-model.pth.tar" in {p.name for p in legacy.files.paths}
     for part in ("kp_extractor", "generator", "audio2exp", "audio2pose", "face_3drecon", "mapping"):
         ours, theirs = getattr(networks, part).state_dict(), getattr(legacy, part).state_dict()
@@ -93,7 +93,7 @@ def test_extra_entries_are_ignored_with_a_debug_line(tmp_path: Path, sadtalker_d
     optimizer = {"state": {}, "param_groups": []}
     torch.save({**content, "optimizer_mapping": optimizer}, folder / "mapping_00229-model.pth.tar")
     with caplog.at_level(logging.DEBUG, logger="talkstream.checkpoints"):
-        load_networks(find_checkpoints(folder, 256, "crop"))
+        load_sadtalker_networks(find_checkpoints(folder, 256, "crop"))
     assert "epoch" in caplog.text and "optimizer_mapping" in caplog.text
 
 
@@ -112,7 +112,7 @@ def test_a_truncated_bundle_is_refused(tmp_path: Path, sadtalker_dir: Path) -> N
     data = (sadtalker_dir / BUNDLE).read_bytes()
     (folder / BUNDLE).write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match=rf"{BUNDLE}: .*truncated"):
-        load_networks(find_checkpoints(folder, 256, "crop"))
+        load_sadtalker_networks(find_checkpoints(folder, 256, "crop"))
 
 
 def test_a_truncated_mapping_file_is_refused(tmp_path: Path, sadtalker_dir: Path) -> None:
@@ -121,7 +121,7 @@ def test_a_truncated_mapping_file_is_refused(tmp_path: Path, sadtalker_dir: Path
     data = (sadtalker_dir / "mapping_00229-model.pth.tar").read_bytes()
     (folder / "mapping_00229-model.pth.tar").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"mapping_00229-model\.pth\.tar: .*truncated"):
-        load_networks(find_checkpoints(folder, 256, "crop"))
+        load_sadtalker_networks(find_checkpoints(folder, 256, "crop"))
 
 
 def test_one_tensor_of_the_wrong_shape_is_named(tmp_path: Path, sadtalker_dir: Path) -> None:
@@ -132,7 +132,7 @@ def test_one_tensor_of_the_wrong_shape_is_named(tmp_path: Path, sadtalker_dir: P
     folder = _folder_with(tmp_path, sadtalker_dir, state)
     with pytest.raises(CheckpointError, match=r"generator does not match.*1 with the wrong shape "
                                               r"\(decoder\.G_middle_0\.conv_0\.weight_orig \(256, 512, 3, 3\) instead"):
-        load_networks(find_checkpoints(folder, 256, "crop"))
+        load_sadtalker_networks(find_checkpoints(folder, 256, "crop"))
 
 
 def test_missing_and_unknown_tensors_are_named(tmp_path: Path, sadtalker_dir: Path) -> None:
@@ -141,18 +141,18 @@ def test_missing_and_unknown_tensors_are_named(tmp_path: Path, sadtalker_dir: Pa
     state["audio2pose.netG.decoder.extra.weight"] = np.zeros(3, np.float32)
     folder = _folder_with(tmp_path, sadtalker_dir, state)
     with pytest.raises(CheckpointError, match=r"kp_extractor does not match.*1 missing tensors \(kp\.weight\)"):
-        load_networks(find_checkpoints(folder, 256, "crop"))
+        load_sadtalker_networks(find_checkpoints(folder, 256, "crop"))
     state["kp_extractor.kp.weight"] = _bundle_state()["kp_extractor.kp.weight"]
     safetensors_numpy.save_file(state, str(folder / BUNDLE))
     with pytest.raises(CheckpointError, match=r"audio2pose does not match.*unknown tensors \(netG\.decoder\.extra"):
-        load_networks(find_checkpoints(folder, 256, "crop"))
+        load_sadtalker_networks(find_checkpoints(folder, 256, "crop"))
 
 
 def test_a_tensor_of_no_network_is_refused(tmp_path: Path, sadtalker_dir: Path) -> None:
     state = {**_bundle_state(), "he_estimator.fc_yaw.weight": np.zeros((66, 2048), np.float32)}
     folder = _folder_with(tmp_path, sadtalker_dir, state)
     with pytest.raises(CheckpointError, match=r"1 tensors belong to no SadTalker network \(he_estimator"):
-        load_networks(find_checkpoints(folder, 256, "crop"))
+        load_sadtalker_networks(find_checkpoints(folder, 256, "crop"))
 
 
 class _Payload:
@@ -173,7 +173,7 @@ def test_pickled_code_is_never_run(tmp_path: Path, sadtalker_dir: Path) -> None:
     torch.save({**mapping, "payload": _Payload(planted)}, folder / "mapping_00229-model.pth.tar",
                pickle_protocol=pickle.DEFAULT_PROTOCOL)
     with pytest.raises(CheckpointError, match=r"mapping_00229-model\.pth\.tar: cannot be read"):
-        load_networks(find_checkpoints(folder, 256, "crop"))
+        load_sadtalker_networks(find_checkpoints(folder, 256, "crop"))
     assert not planted.exists()
 
 
@@ -184,7 +184,7 @@ def test_doctor_reports_what_the_folder_holds(sadtalker_dir: Path, tmp_path: Pat
     assert "ok   sadtalker 256 px (crop, extcrop, resize)" in report
     assert "ok   sadtalker 256 px (full, extfull)" in report
     assert "mapping_00109-model.pth.tar" in report and "sadtalker 512 px" not in report
-    assert describe_checkpoints(tmp_path)[-1][1] is False
+    assert describe_sadtalker_files(tmp_path)[-1][1] is False
 
 
 def test_cli_exits_2_naming_the_broken_file(tmp_path: Path, sadtalker_dir: Path) -> None:

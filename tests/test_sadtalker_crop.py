@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stages.portrait import DlibDetector, find_face, read_image
-from stages.sadtalker_crop import (
+from stages.sadtalker.crop import (
     CROP_MODES,
     STANDARD_LANDMARKS_3D,
     align_to_224,

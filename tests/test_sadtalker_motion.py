@@ -12,12 +12,12 @@ from scipy.signal import resample_poly, savgol_filter
 
 torch = pytest.importorskip("torch")
 
-from stages.audio import mel_windows, sadtalker_mel  # noqa: E402
-from stages.nets.checkpoints import find_checkpoints, load_networks  # noqa: E402
-from stages.sadtalker_motion import (  # noqa: E402
+from stages.nets.checkpoints import find_checkpoints, load_sadtalker_networks  # noqa: E402
+from stages.sadtalker.mel import mel_windows, sadtalker_mel  # noqa: E402
+from stages.sadtalker.motion import (  # noqa: E402
     POSE_CHUNK,
+    DrivingSettings,
     MotionNetworks,
-    MotionSettings,
     OfflineMotion,
     SadTalkerMotion,
     SourceMotion,
@@ -33,7 +33,7 @@ from tests.conftest import SPEECH  # noqa: E402
 
 pytestmark = pytest.mark.slow  # SadTalker's networks on the CPU
 
-FULL = MotionSettings()                         # upstream's look-ahead everywhere
+FULL = DrivingSettings()                        # upstream's look-ahead everywhere
 FRAMES = 62                                     # 1 still frame + one whole pose chunk + a remainder of 29
 
 
@@ -48,7 +48,7 @@ def _speech_16k(seconds: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def loaded(sadtalker_dir: Path):
     torch.set_num_threads(1)
-    return load_networks(find_checkpoints(sadtalker_dir, 256, "crop"))
+    return load_sadtalker_networks(find_checkpoints(sadtalker_dir, 256, "crop"))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def speech() -> np.ndarray:
     return _speech_16k(FRAMES * 0.04 + 0.025)   # 62 whole frames and a part frame that upstream drops
 
 
-def _networks(loaded, source: SourceMotion, settings: MotionSettings) -> MotionNetworks:
+def _networks(loaded, source: SourceMotion, settings: DrivingSettings) -> MotionNetworks:
     return MotionNetworks(loaded.audio2exp, loaded.audio2pose, loaded.mapping, source, settings, "cpu")
 
 

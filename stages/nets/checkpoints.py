@@ -204,7 +204,7 @@ def _builders(mapping_inputs: int) -> dict[str, Callable[[], Any]]:
     }
 
 
-def load_networks(files: CheckpointFiles) -> SadTalkerNetworks:
+def load_sadtalker_networks(files: CheckpointFiles) -> SadTalkerNetworks:
     """Build every network and fill it from the user's files (fp32, CPU; the caller moves them to a device)."""
     networks = {part: build() for part, build in _builders(files.mapping_inputs).items()}
     if files.bundle is not None:
@@ -230,7 +230,7 @@ def _listed(items: list[str], shown: int = 3) -> str:
     return ", ".join(items[:shown]) + (f", … {len(items) - shown} more" if len(items) > shown else "")
 
 
-def describe_checkpoints(directory: str | Path) -> list[tuple[str, bool, str, str]]:
+def describe_sadtalker_files(directory: str | Path) -> list[tuple[str, bool, str, str]]:
     """What a checkpoint folder holds for SadTalker, each file loaded into the networks it feeds:
     (file, usable, detail, fix) per file found, and one line for what is missing."""
     root = Path(directory).expanduser()
@@ -241,7 +241,7 @@ def describe_checkpoints(directory: str | Path) -> list[tuple[str, bool, str, st
         for inputs, crop_mode in ((70, "crop"), (73, "full")):
             try:
                 files = find_checkpoints(root, size, crop_mode)
-                load_networks(files)
+                load_sadtalker_networks(files)
             except CheckpointError as error:
                 if "is not in" not in str(error):
                     lines.append((f"sadtalker {size} px, {inputs}-input mapping", False, str(error), DOWNLOAD_HINT))

@@ -96,11 +96,6 @@ class ReconNet(nn.Module):
         return torch.cat([head(pooled) for head in self.final_layers], dim=1).flatten(1)
 
 
-def split_coefficients(coeffs257: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(..., 257) -> named views: id, exp, tex, angle, gamma, trans (txy + tz)."""
-    return {name: coeffs257[..., COLUMNS[name]] for name in ("id", "exp", "tex", "angle", "gamma", "trans")}
-
-
 def coefficients_70(coeffs257: torch.Tensor) -> torch.Tensor:
     """(..., 257) -> (..., 70) = exp 64 | angle 3 | trans 3: SadTalker's per-frame coefficients before crop params."""
     return torch.cat([coeffs257[..., COLUMNS["exp"]], coeffs257[..., COLUMNS["angle"]],

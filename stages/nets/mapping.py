@@ -17,7 +17,6 @@ from torch import nn
 
 NUM_KP = 15
 NUM_BINS = 66  # 3-degree bins covering [-99, 96] degrees
-WINDOW = 27  # coefficient frames per prediction: 13 before, the frame, 13 after
 _PI_AS_UPSTREAM = 3.14
 
 

@@ -17,10 +17,10 @@ import torch
 
 from stages.nets.facevid2vid import use_channels_last
 from stages.nets.mapping import keypoint_transformation
-from stages.sadtalker_motion import (
+from stages.sadtalker.motion import (
     DrivingFrame,
+    DrivingSettings,
     MotionNetworks,
-    MotionSettings,
     OfflineMotion,
     SadTalkerMotion,
     SourceMotion,
@@ -40,7 +40,7 @@ def to_bgr_uint8(prediction: torch.Tensor) -> list[np.ndarray]:
 
 
 @dataclass(frozen=True, slots=True)
-class RenderSettings:
+class GeneratorSettings:
     """How the generator runs: batch ceiling, channels-last, torch.compile."""
 
     max_batch: int = 8
@@ -52,7 +52,7 @@ class FacevidRenderer:
     """Driving keypoints -> face crops (S×S, BGR uint8), with everything that depends on the source cached."""
 
     def __init__(self, kp_detector: Any, generator: Any, mapping: Any, source_rgb: np.ndarray,
-                 source_coefficients: np.ndarray, placement: Placement, settings: RenderSettings) -> None:
+                 source_coefficients: np.ndarray, placement: Placement, settings: GeneratorSettings) -> None:
         self.placement = placement
         self.settings = settings
         device = torch.device(placement.device)
@@ -156,7 +156,7 @@ class SadTalkerFace:
 
         return locate
 
-    def motion_model(self, settings: MotionSettings, *, offline: bool) -> SadTalkerMotion | OfflineMotion:
+    def motion_model(self, settings: DrivingSettings, *, offline: bool) -> SadTalkerMotion | OfflineMotion:
         """A fresh motion model per session (it holds the session's utterance state)."""
         networks = MotionNetworks(self.networks.audio2exp, self.networks.audio2pose, self.networks.mapping,
                                   self.renderer.source_motion, settings, self.renderer.placement.device)
@@ -164,13 +164,13 @@ class SadTalkerFace:
 
 
 def prepare_face(networks: Any, image: np.ndarray, landmarks: np.ndarray, *, crop_mode: str, size: int,
-                 placement: Placement, settings: RenderSettings) -> SadTalkerFace:
+                 placement: Placement, settings: GeneratorSettings) -> SadTalkerFace:
     """Crop as upstream does, fit the 3DMM coefficients once, encode the source once.
 
     `image` is the portrait (BGR) and `landmarks` its dlib 68 points in the same pixels.
     """
     from stages.nets.face3d import coefficients_70
-    from stages.sadtalker_crop import align_to_224, sadtalker_crop
+    from stages.sadtalker.crop import align_to_224, sadtalker_crop
 
     crop = sadtalker_crop(image, landmarks, crop_mode, size)
     aligned, trans_params = align_to_224(crop.source, crop.landmarks)

@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.audio import MelStream, mel_windows, sadtalker_mel
 from stages.nets.mapping import keypoint_transformation
+from stages.sadtalker.mel import SAMPLES_PER_FRAME, MelStream, mel_windows, sadtalker_mel
 
-SAMPLES_PER_FRAME = 640          # at 16 kHz and 25 fps: the backend's fixed frame (spec §1.3)
 POSE_CHUNK = 32                  # audio2pose's sequence length
 MAPPING_RADIUS = 13              # MappingNet sees frames t-13 .. t+13
 SMOOTH_WINDOW = 13               # Savitzky–Golay window and order (upstream's savgol_filter(pose, 13, 2))
@@ -35,7 +34,7 @@ BLINK_GAP_FRAMES = (10, 70)      # a blink starts every 10..69 frames (upstream'
 
 
 @dataclass(frozen=True, slots=True)
-class MotionSettings:
+class DrivingSettings:
     """What the user chooses about the motion ([backends.sadtalker] and the preset's look-ahead)."""
 
     pose_style: int = 0                 # 0..45: a learned offset of audio2pose's latent
@@ -121,7 +120,7 @@ class MotionNetworks:
     """audio2exp, audio2pose and MappingNet with the source's contribution, called in float32 batches."""
 
     def __init__(self, audio2exp: Any, audio2pose: Any, mapping: Any, source: SourceMotion,
-                 settings: MotionSettings, device: torch.device | str) -> None:
+                 settings: DrivingSettings, device: torch.device | str) -> None:
         self.audio2exp = audio2exp
         self.audio2pose = audio2pose
         self.mapping = mapping
@@ -258,7 +257,7 @@ class _Rows:
             self.base = cut
 
 
-class _Utterance:
+class _UtteranceMotion:
     """Streaming state between two interruptions, indexed by frame from the utterance's start."""
 
     def __init__(self, networks: MotionNetworks) -> None:
@@ -419,7 +418,7 @@ class SadTalkerMotion:
     def __init__(self, networks: MotionNetworks) -> None:
         self.networks = networks
         self.offset = 0                     # stream frame index of the current utterance's frame 0
-        self.utterance = _Utterance(networks)
+        self.utterance = _UtteranceMotion(networks)
         self.finished = False
 
     def push(self, pcm: np.ndarray) -> list[DrivingFrame]:
@@ -438,7 +437,7 @@ class SadTalkerMotion:
     def interrupt(self) -> None:
         """Barge-in: the next speech starts a new utterance (upstream's state per video) at the next frame."""
         self.offset += self.utterance.emitted
-        self.utterance = _Utterance(self.networks)
+        self.utterance = _UtteranceMotion(self.networks)
 
     def _drain(self) -> list[DrivingFrame]:
         start, keypoints = self.utterance.drain()

@@ -1,0 +1,305 @@
+"""Embedded motion: speech (16 kHz mono) -> one `Expression` per video frame, with no model weights.
+
+`EmbeddedMotion` takes each hop's mouth target (`visemes`), groups hops into video frames, looks one hop ahead for
+lip closures, smooths the mouth asymmetrically and adds seeded blinks and a small head motion; `IdleMotion` is the
+face at rest between utterances. Every step is causal in hop order, so a stream pushed in 20 ms chunks yields
+exactly the frames of one push.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from stages.embedded.visemes import HopTargets, SpeakerNormaliser, SpectralAnalyser
+from stream.clock import FrameClock
+
+
+@dataclass(frozen=True, slots=True)
+class Expression:
+    """What the face does during one video frame; lengths are fractions of the eye-corner distance (IOD).
+
+    The renderer turns these targets into landmark moves so that the *measured* geometry of the output
+    (dlib's 68 points) follows them: aperture 0 means the lips touch, width 0 means the portrait's own width.
+    """
+
+    index: int                 # video frame number in the stream
+    aperture: float = 0.0      # inner-lip opening (0 closed; speech peaks ≈ 0.25–0.35)
+    width: float = 0.0         # mouth-width change: + spread ("ee"), - round ("oo"); about ±0.08
+    blink: float = 0.0         # eyelid closure, 0 open .. 1 shut
+    head_roll_deg: float = 0.0 # in-plane head rotation about the neck pivot
+    head_dx: float = 0.0       # head shift right, fraction of IOD
+    head_dy: float = 0.0       # head shift down (nod), fraction of IOD
+
+
+@dataclass(frozen=True, slots=True)
+class FrameTarget:
+    """What one video frame asks of the mouth, before smoothing."""
+
+    aperture: float      # IOD
+    width: float         # IOD
+    lips_closed: bool    # a p/b/m closure: shut now, whatever the smoothing
+    silent: bool         # nothing audible in the frame: a pause, or the closure of a /t/ or /k/
+    speech: float        # 0..1, loudest hop of the frame
+
+
+class BlinkSchedule:
+    """Seeded blinks every 2–6 s: close in 40 ms, stay shut 30 ms, reopen in 70 ms (≈140 ms in all).
+
+    The hold keeps the lids at least 90 % shut for ≈ 50 ms, so some frame centre sees it at 25 fps and above.
+    """
+
+    CLOSE_S, HOLD_S, OPEN_S = 0.040, 0.030, 0.070
+    INTERVAL_S = (2.0, 6.0)
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.next_start_s = float(rng.uniform(*self.INTERVAL_S))
+        self.current_start_s = -math.inf
+
+    def value(self, time_s: float) -> float:
+        """Lid closure at `time_s`; times must not decrease between calls."""
+        while time_s >= self.next_start_s:
+            self.current_start_s = self.next_start_s
+            self.next_start_s += float(self.rng.uniform(*self.INTERVAL_S))
+        phase = time_s - self.current_start_s
+        if phase < self.CLOSE_S:
+            return 0.5 - 0.5 * math.cos(math.pi * phase / self.CLOSE_S)
+        if phase < self.CLOSE_S + self.HOLD_S:
+            return 1.0
+        phase -= self.CLOSE_S + self.HOLD_S
+        if phase < self.OPEN_S:
+            return 0.5 + 0.5 * math.cos(math.pi * phase / self.OPEN_S)
+        return 0.0
+
+
+class HeadSway:
+    """Slow sums of seeded sinusoids, scaled by a twice-smoothed speech envelope: alive at rest, livelier in speech.
+
+    Periods of 2.5–8 s and a 0.6 s envelope keep frame-to-frame second differences around 1e-4 IOD.
+    """
+
+    ROLL_DEG = (0.35, 1.3)    # amplitude at rest, extra at full speech
+    SHIFT_IOD = (0.006, 0.016)
+    ENVELOPE_TAU_S = 0.6
+
+    def __init__(self, rng: np.random.Generator, frame_s: float) -> None:
+        self.freqs_hz = rng.uniform(0.12, 0.4, size=(3, 2))
+        self.phases = rng.uniform(0.0, 2.0 * math.pi, size=(3, 2))
+        self.alpha = 1.0 - math.exp(-frame_s / self.ENVELOPE_TAU_S)
+        self.stage1 = 0.0
+        self.envelope = 0.0
+
+    def pose(self, time_s: float, speech: float) -> tuple[float, float, float]:
+        """(roll °, dx IOD, dy IOD) at `time_s` given this frame's speech activity 0..1."""
+        self.stage1 += self.alpha * (speech - self.stage1)
+        self.envelope += self.alpha * (self.stage1 - self.envelope)
+        waves = np.sin(2.0 * math.pi * self.freqs_hz * time_s + self.phases) @ np.array([0.6, 0.4])
+        roll = (self.ROLL_DEG[0] + self.ROLL_DEG[1] * self.envelope) * float(waves[0])
+        shift = self.SHIFT_IOD[0] + self.SHIFT_IOD[1] * self.envelope
+        return roll, shift * float(waves[1]), shift * float(waves[2])
+
+
+class IdleMotion:
+    """The face while nobody speaks in a live session: seeded blinks and the head's slow sway at rest, asked for
+    frame by frame at the live clock's media time (never through the speech pipeline)."""
+
+    def __init__(self, *, fps: Fraction | int, seed: int = 0, still: bool = False) -> None:
+        rng = np.random.default_rng(seed)
+        self.blinks = BlinkSchedule(np.random.default_rng(rng.integers(2**63)))
+        self.head = HeadSway(np.random.default_rng(rng.integers(2**63)), float(1 / Fraction(fps)))
+        self.still = still
+
+    def at(self, index: int, time_s: float) -> Expression:
+        """The pose of frame `index` at media time `time_s` (times must not decrease between calls)."""
+        roll, dx, dy = (0.0, 0.0, 0.0) if self.still else self.head.pose(time_s, 0.0)
+        return Expression(index, 0.0, 0.0, self.blinks.value(time_s), roll, dx, dy)
+
+
+class EmbeddedMotion:
+    """16 kHz mono float32 speech -> Expressions, streaming, bounded memory, fixed look-ahead.
+
+    Frame k covers samples [k, k+1) * sample_rate_hz / fps and is emitted once audio up to its end plus
+    `lookahead_ms` has been pushed (or at `finish`). Hop features are computed in batches but consumed in hop
+    order by causal state, so the output does not depend on how the audio was chunked.
+    """
+
+    WINDOW_MS = 32
+    LPC_ORDER = 18
+    OPEN_TAU_S = 0.050
+    CLOSE_TAU_S = 0.100
+    SHAPE_TAU_S = 0.040
+    BLOCK_HOPS = 256       # a long push is worked through in blocks of this many hops: bounded memory
+    REST_APERTURE = 0.005  # below this a relaxing mouth counts as at rest
+
+    def __init__(self, *, fps: Fraction | int, sample_rate_hz: int = 16000, hop_ms: int = 20, lookahead_ms: int = 40,
+                 seed: int = 0, still: bool = False) -> None:
+        self.clock = FrameClock(Fraction(fps), sample_rate_hz)
+        self.hop = self.clock.samples_of_ms(hop_ms)
+        self.window = self.clock.samples_of_ms(self.WINDOW_MS)
+        self.lookahead = self.clock.samples_of_ms(lookahead_ms)
+        if self.lookahead < self.window // 2:
+            raise ValueError(f"lookahead_ms={lookahead_ms} is under half the {self.WINDOW_MS} ms analysis window")
+        self.still = still
+        self.frame_s = self.clock.frame_ms / 1000.0
+        self.analyser = SpectralAnalyser(sample_rate_hz=sample_rate_hz, window=self.window, lpc_order=self.LPC_ORDER)
+        self.normaliser = SpeakerNormaliser()
+        rng = np.random.default_rng(seed)
+        self.blinks = BlinkSchedule(np.random.default_rng(rng.integers(2**63)))
+        self.head = HeadSway(np.random.default_rng(rng.integers(2**63)), self.frame_s)
+        self.open_alpha = 1.0 - math.exp(-self.frame_s / self.OPEN_TAU_S)
+        self.close_alpha = 1.0 - math.exp(-self.frame_s / self.CLOSE_TAU_S)
+        self.shape_alpha = 1.0 - math.exp(-self.frame_s / self.SHAPE_TAU_S)
+        self.aperture = 0.0
+        self.width = 0.0
+        self.relaxing = False
+        self.silent_run = 0
+        self.next_frame = 0
+        self.finished = False
+        self._start_segment(0)
+
+    def _start_segment(self, origin: int) -> None:
+        """Restart the hop grid at absolute sample `origin` (stream start, or where an interrupt cut the audio)."""
+        self.origin = origin
+        self.received = origin                      # absolute samples pushed so far
+        self.pad = self.window // 2 - self.hop // 2  # hop j's window is centred on its 20 ms span
+        self.audio = np.zeros(self.pad, dtype=np.float32)
+        self.audio_start = origin - self.pad        # absolute sample index of audio[0]
+        self.next_hop = 0
+        self.hops: list[HopTargets] = []
+        self.hops_start = 0                         # hop index of hops[0]
+
+    def push(self, pcm: np.ndarray) -> list[Expression]:
+        """Add speech (any length); returns every frame now complete, in order."""
+        if self.finished:
+            raise RuntimeError("push() after finish()")
+        samples = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        block = self.BLOCK_HOPS * self.hop
+        frames: list[Expression] = []
+        for begin in range(0, len(samples), block):
+            piece = samples[begin : begin + block]
+            self.audio = np.concatenate((self.audio, piece))
+            self.received += len(piece)
+            frames += self._emit(self.received - self.lookahead)
+        return frames
+
+    def finish(self) -> list[Expression]:
+        """End of stream: emits the rest, so that ceil(total_samples / samples_per_frame) frames came out in all."""
+        if self.finished:
+            return []
+        self.finished = True
+        last_frame = self.clock.frames_for(self.received)
+        tail = self.clock.start(last_frame) + self.lookahead + self.window - self.received
+        self.audio = np.concatenate((self.audio, np.zeros(max(tail, 0), dtype=np.float32)))
+        frames: list[Expression] = []
+        for stop in range(self.next_frame, last_frame, self.BLOCK_HOPS // 2):
+            frames += self._emit_until(min(stop + self.BLOCK_HOPS // 2, last_frame))
+        return frames
+
+    def interrupt(self) -> None:
+        """Barge-in: drop audio not yet shown; the mouth relaxes from where it is, blinks and head go on."""
+        self.relaxing = True
+        self._start_segment(self.clock.start(self.next_frame))
+
+    def _emit(self, covered_until: int) -> list[Expression]:
+        """Emit frames whose end lies at or before absolute sample `covered_until`."""
+        frame = self.next_frame
+        while self.clock.start(frame + 1) <= covered_until:
+            frame += 1
+        return self._emit_until(frame)
+
+    def _emit_until(self, stop_frame: int) -> list[Expression]:
+        if stop_frame <= self.next_frame:
+            return []
+        self._analyse_hops(self._hop_for_window_end(self.clock.start(stop_frame) + self.lookahead))
+        out = [self._frame(k) for k in range(self.next_frame, stop_frame)]
+        self.next_frame = stop_frame
+        self._forget_before(self._hops_of(stop_frame)[0])
+        return out
+
+    def _hop_for_window_end(self, end: int) -> int:
+        """Number of hops (from 0) whose windows end at or before absolute sample `end`."""
+        first_window_end = self.origin - self.pad + self.window
+        return max((end - first_window_end) // self.hop + 1, 0)
+
+    def _analyse_hops(self, stop_hop: int) -> None:
+        while self.next_hop < stop_hop:
+            batch = min(stop_hop - self.next_hop, self.BLOCK_HOPS)
+            begin = self.origin - self.pad + self.next_hop * self.hop - self.audio_start
+            span = self.audio[begin : begin + (batch - 1) * self.hop + self.window]
+            windows = np.lib.stride_tricks.sliding_window_view(span, self.window)[:: self.hop]
+            features = self.analyser.analyse(windows)
+            for j in range(batch):
+                self.hops.append(self.normaliser.targets(
+                    float(features.band_db[j]), float(features.low_ratio[j]), float(features.high_ratio[j]),
+                    float(features.f1_hz[j]), float(features.f2_hz[j])))
+            self.next_hop += batch
+
+    def _hops_of(self, frame: int) -> range:
+        """Hops whose centres fall inside the frame; the hop under the frame centre if none do (fps > 50)."""
+        first_centre = self.origin + self.hop // 2
+        start, end = self.clock.start(frame), self.clock.start(frame + 1)
+        first = max(-(-(start - first_centre) // self.hop), 0)
+        stop = max(-(-(end - first_centre) // self.hop), 0)
+        if stop <= first:
+            first = max((start + end) // 2 - self.origin, 0) // self.hop
+            stop = first + 1
+        return range(first, stop)
+
+    def _forget_before(self, hop: int) -> None:
+        """Keep memory bounded: drop hop targets and audio that no future frame will read."""
+        drop = min(hop, self.next_hop) - self.hops_start
+        if drop > 0:
+            del self.hops[:drop]
+            self.hops_start += drop
+        keep_from = self.origin - self.pad + self.next_hop * self.hop - self.audio_start
+        if keep_from > 0:
+            self.audio = self.audio[keep_from:]
+            self.audio_start += keep_from
+
+    def _frame(self, k: int) -> Expression:
+        hop_range = self._hops_of(k)
+        hops = [self.hops[j - self.hops_start] for j in hop_range]
+        # The look-ahead hop counts only if its window ends inside the look-ahead, whatever has been analysed.
+        ahead_fits = hop_range.stop < self._hop_for_window_end(self.clock.start(k + 1) + self.lookahead)
+        target = self._mouth_target(hops, self.hops[hop_range.stop - self.hops_start] if ahead_fits else None)
+
+        if self.relaxing and target.speech > 0.3:
+            self.relaxing = False
+        # One silent frame may be the closure of a /t/ or /k/ (the lips stay apart): it closes smoothly;
+        # from the second one on it is a pause, and the mouth goes to rest.
+        self.silent_run = self.silent_run + 1 if target.silent else 0
+        shut = target.lips_closed or self.silent_run > 1
+        if shut and not self.relaxing:
+            self.aperture = 0.0
+        else:
+            alpha = self.open_alpha if target.aperture > self.aperture else self.close_alpha
+            self.aperture += alpha * (target.aperture - self.aperture)
+        if self.relaxing and self.aperture < self.REST_APERTURE:
+            self.relaxing = False
+        self.width += self.shape_alpha * (target.width - self.width)
+
+        centre_s = (self.clock.start(k) + self.clock.start(k + 1)) / 2 / self.clock.rate_hz
+        blink = self.blinks.value(centre_s)
+        roll, dx, dy = self.head.pose(centre_s, target.speech)
+        if self.still:
+            roll = dx = dy = 0.0
+        return Expression(k, self.aperture, self.width, blink, roll, dx, dy)
+
+    @staticmethod
+    def _mouth_target(hops: list[HopTargets], ahead: HopTargets | None) -> FrameTarget:
+        """One frame's target from its hops and, where the look-ahead holds it, the hop after it."""
+        # Half a vote for the next hop cancels most of the smoothing lag of an opening mouth.
+        weighted = [(h.aperture, 1.0) for h in hops] + ([(ahead.aperture, 0.5)] if ahead is not None else [])
+        aperture = sum(a * w for a, w in weighted) / sum(w for _, w in weighted)
+        width = sum(h.width for h in hops) / len(hops)
+        ahead_closes = ahead is not None and ahead.closure
+        # A mostly silent frame before a lip release is the closure of a /p/ or /b/: shut before the burst.
+        lips_closed = any(h.closure for h in hops) or (hops[-1].silent and hops[0].loudness < 0.5 and ahead_closes)
+        if ahead_closes:
+            aperture *= 0.5  # lips start closing a hop before a p/b/m is heard
+        silent = all(h.silent for h in hops) and not lips_closed
+        return FrameTarget(aperture, width, lips_closed, silent, max(h.loudness for h in hops))
