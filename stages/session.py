@@ -85,7 +85,7 @@ def load_preset(
     check_fixed(preset, kind.fixed, backend)
     check_choice(preset, "blend.mode", BLEND_MODES)
     check_choice(preset, "enhance.enhancer", WISHES)
-    settings = build_section(kind.settings_class, backends.get(backend, {}), backend, kind.setting_checks)
+    settings: Any = build_section(kind.settings_class, backends.get(backend, {}), backend, kind.setting_checks)
     return preset, settings
 
 
@@ -219,8 +219,10 @@ def renderer_benchmark(avatar: Avatar, frames: int = 4) -> dict[str, Any]:
     encoding recomputed for every frame, one frame at a time), on the same driving keypoints."""
     if avatar.backend.name != "sadtalker":
         raise InputError("the renderer benchmark is for the sadtalker backend")
+    from stages.sadtalker.backend import SadTalkerBackend
     from stages.sadtalker.render import renderer_speed
 
+    assert isinstance(avatar.backend, SadTalkerBackend)
     return renderer_speed(avatar.backend.renderer, frames)
 
 

@@ -113,12 +113,12 @@ def ffhq_quad(landmarks68: np.ndarray, width: int, height: int) -> FaceQuad:
     # Upstream shifts the quad only when the box is smaller than the image; otherwise the box starts at 0, 0 anyway.
     shifted = corners - np.array(crop_box[:2], np.float64) + 0.5
     quad_rect = (
-        max(min(shifted[0, 0], shifted[1, 0]), 0.0),
-        max(min(shifted[0, 1], shifted[3, 1]), 0.0),
-        min(max(shifted[2, 0], shifted[3, 0]), float(resized_width)),
-        min(max(shifted[1, 1], shifted[2, 1]), float(resized_width)),  # sic: upstream clamps y with the width
+        float(max(min(shifted[0, 0], shifted[1, 0]), 0.0)),
+        float(max(min(shifted[0, 1], shifted[3, 1]), 0.0)),
+        float(min(max(shifted[2, 0], shifted[3, 0]), float(resized_width))),
+        float(min(max(shifted[1, 1], shifted[2, 1]), float(resized_width))),  # sic: upstream clamps y with the width
     )
-    return FaceQuad(corners, side, shrink, resized_wh, crop_box, tuple(float(v) for v in quad_rect))
+    return FaceQuad(corners, side, shrink, resized_wh, crop_box, quad_rect)
 
 
 def sadtalker_crop(image_bgr: np.ndarray, landmarks68: np.ndarray, mode: str, size: int) -> SadTalkerCrop:

@@ -44,8 +44,8 @@ def slaney_mel_filterbank(rate_hz: int, n_fft: int, n_mels: int, fmin_hz: float,
     """Triangular filters evenly spaced on the Slaney mel scale, each scaled to unit area in Hz ("slaney" norm):
     (n_mels, n_fft // 2 + 1) float32, read-only (shared by every caller of the process)."""
     bins_hz = np.linspace(0.0, rate_hz / 2.0, n_fft // 2 + 1)
-    edges_hz = _slaney_mel_to_hz(np.linspace(_hz_to_slaney_mel(np.float64(fmin_hz)),
-                                             _hz_to_slaney_mel(np.float64(fmax_hz)), n_mels + 2))
+    edges_hz = _slaney_mel_to_hz(np.linspace(_hz_to_slaney_mel(np.array(fmin_hz)),
+                                             _hz_to_slaney_mel(np.array(fmax_hz)), n_mels + 2))
     widths = np.diff(edges_hz)
     offsets = edges_hz[:, None] - bins_hz[None, :]
     rising = -offsets[:-2] / widths[:-1, None]
