@@ -16,10 +16,11 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from stages.portrait import five_points
 from stream.errors import PresetError
@@ -185,7 +186,9 @@ class FaceAligner:
         back[:, 2] -= (x0, y0)
         size = (x1 - x0, y1 - y0)
         warped = cv2.warpAffine(face, back, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        weight = cv2.warpAffine(self._inside, back, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        # float32 like `_inside`: cv2's stubs say int or float, and numpy's will not multiply that in place.
+        weight = cast(npt.NDArray[np.float32], cv2.warpAffine(self._inside, back, size, flags=cv2.INTER_LINEAR,
+                                                             borderMode=cv2.BORDER_CONSTANT))
         weight *= self._mask
         region = frame[y0:y1, x0:x1]
         mixed = region.astype(np.float32)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,13 @@ async def _receive(pc: RTCPeerConnection, seconds: float) -> _Recording:
     return recording
 
 
+def _since(frame: av.frame.Frame, start: av.frame.Frame, time_base: Fraction | None) -> float:
+    """Media seconds from `start` to `frame`. PyAV types pts and time_base as optional; aiortc sets both on every
+    frame it receives."""
+    assert frame.pts is not None and start.pts is not None and time_base is not None
+    return float((frame.pts - start.pts) * time_base)
+
+
 def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: bool) -> dict[str, Any]:
     """Received fps span, the delays from the speech's onset sent to its voice and to the frame of that instant
     received, and (when `measure`) the mouth against the voice, with dlib."""
@@ -229,8 +237,8 @@ def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: b
     onset_sent = recording.first_sent + spoken[0] / rate   # when the first loud sample went out
     result["voice_latency_ms"] = round((audio[voiced[0]][0] - onset_sent) * 1000, 1)
     # Both tracks start at media time 0: the frame whose slot holds the voice's onset shows it.
-    video_s = np.array([float((frame.pts - video[0][1].pts) * frame.time_base) for _, frame in video])
-    voice_s = float((audio[voiced[0]][1].pts - audio[0][1].pts) * audio[0][1].time_base)
+    video_s = np.array([_since(frame, video[0][1], frame.time_base) for _, frame in video])
+    voice_s = _since(audio[voiced[0]][1], audio[0][1], audio[0][1].time_base)
     onset_frame = np.flatnonzero(video_s <= voice_s)
     if len(onset_frame):
         result["frame_latency_ms"] = round((video[onset_frame[-1]][0] - onset_sent) * 1000, 1)

@@ -131,7 +131,7 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     if image is None or image.size == 0:
         raise InputError(f"cannot read {label} as an image (PNG, JPEG, WebP, TIFF or BMP expected)")
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = np.right_shift(image, 8).astype(np.uint8)  # the ufunc: cv2's stubs type `image` as int or float
     elif image.dtype != np.uint8:
         image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if image.ndim == 2:
@@ -243,7 +243,8 @@ def _cached_landmarks(
     image: np.ndarray, detector_factory: Callable[[], LandmarkDetector], cache_dir: Path | None, label: str
 ) -> tuple[np.ndarray, int]:
     """Detection costs 1-2 s with the model load; its result depends only on the pixels, so it is cached."""
-    digest = hashlib.sha256(memoryview(np.ascontiguousarray(image)).cast("B"))
+    # .data is memoryview(array): numpy's stubs give arrays the buffer protocol only on Python 3.12+.
+    digest = hashlib.sha256(np.ascontiguousarray(image).data.cast("B"))
     digest.update(repr((image.shape, getattr(detector_factory, "name", detector_factory.__name__))).encode())
     key = digest.hexdigest()[:32]
     path = (cache_dir or default_cache_dir()) / "faces" / f"{key}.npz"

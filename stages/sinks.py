@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TextIO
 
 import av
 import cv2
@@ -165,20 +165,26 @@ class _Muxer:
     def __init__(self, container: av.container.OutputContainer, info: StreamInfo, codecs: _Codecs) -> None:
         self.container = container
         self.info = info
-        self.video = container.add_stream(codecs.video, rate=info.fps)
+        # The codec names are plain strings, so PyAV's stubs return a union: narrow each stream to its kind.
+        video = container.add_stream(codecs.video, rate=info.fps, options=codecs.video_options)
+        if not isinstance(video, av.VideoStream):
+            raise OutputError(f"{codecs.video} is not a video encoder")
+        self.video = video
         self.video.width, self.video.height = info.width, info.height
         self.video.pix_fmt = codecs.pix_fmt
-        self.video.options = codecs.video_options
         context = self.video.codec_context
         context.thread_count = 1  # one thread per library: parallelism comes from pipelining
         context.time_base = 1 / info.fps
-        self.audio = container.add_stream(codecs.audio, rate=codecs.audio_rate_hz or info.speech_rate_hz)
+        audio = container.add_stream(codecs.audio, rate=codecs.audio_rate_hz or info.speech_rate_hz,
+                                     options=codecs.audio_options)
+        if not isinstance(audio, av.AudioStream):
+            raise OutputError(f"{codecs.audio} is not an audio encoder")
+        self.audio = audio
         self.audio.layout = layout_of(info.speech_channels)
         if codecs.audio_format:
             self.audio.format = codecs.audio_format
         if codecs.audio_bitrate:
             self.audio.bit_rate = codecs.audio_bitrate
-        self.audio.options = codecs.audio_options
         self._audio_pts = 0
         self._i420 = None
         if codecs.pix_fmt == "yuv420p":
@@ -268,7 +274,7 @@ class PipeSink:
     PCM in NUT guess it, and ffmpeg warns). One block a frame keeps the audio beside its frame.
     """
 
-    def __init__(self, stream: BinaryIO, info: StreamInfo, fmt: str, *, log: BinaryIO | None = None) -> None:
+    def __init__(self, stream: BinaryIO, info: StreamInfo, fmt: str, *, log: TextIO | None = None) -> None:
         if fmt not in PIPE_FORMATS:
             raise OutputError(f"unknown pipe format {fmt!r}; valid formats: {', '.join(PIPE_FORMATS)}")
         self.stream = stream
@@ -309,7 +315,8 @@ class PipeSink:
         elif self._i420 is not None:
             self._write(b"FRAME\n" + self._i420.convert(frame).tobytes())
         else:
-            self._write(memoryview(np.ascontiguousarray(frame.image)).cast("B"))
+            # memoryview(array) is the same, but numpy's stubs give arrays the buffer protocol only on Python 3.12+.
+            self._write(np.ascontiguousarray(frame.image).data.cast("B"))
         self.frames += 1
 
     def close(self) -> None:

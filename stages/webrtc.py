@@ -14,11 +14,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, cast
 
 import av
 import cv2
 import numpy as np
+import numpy.typing as npt
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
@@ -115,7 +116,8 @@ async def _listen(live: LiveSession, track: MediaStreamTrack) -> None:
     to_mono = av.AudioResampler("s16", "mono")
     with contextlib.suppress(MediaStreamError):
         while True:
-            frame = await track.recv()
+            # aiortc types every track's recv() as Frame | Packet; a remote audio track gives AudioFrames.
+            frame = cast(av.AudioFrame, await track.recv())
             for out in to_mono.resample(frame):
                 live.push(out.to_ndarray().reshape(-1), out.sample_rate)
 
@@ -197,20 +199,23 @@ def _i420(frame: av.VideoFrame) -> av.VideoFrame:
     """The frame as yuv420p, converted by OpenCV (about 3x cheaper than the swscale call aiortc would make)."""
     if frame.format.name == "yuv420p":
         return frame
-    converted = av.VideoFrame.from_ndarray(cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_BGR2YUV_I420),
-                                           format="yuv420p")
+    # uint8 in, uint8 out: cv2's stubs type the result as any integer or float array, which PyAV does not take.
+    i420 = cast(npt.NDArray[np.uint8], cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_BGR2YUV_I420))
+    converted = av.VideoFrame.from_ndarray(i420, format="yuv420p")
     converted.pts, converted.time_base = frame.pts, frame.time_base
     return converted
 
 
 def _needs_new_context(codec: av.VideoCodecContext | None, frame: av.VideoFrame, bitrate: int) -> bool:
     """aiortc's own rule for reopening an encoder: a new size, or the bitrate off by more than 10 %."""
-    return (codec is None or (codec.width, codec.height) != (frame.width, frame.height)
+    # bit_rate is None only before a context is given one, and `_video_context` always does.
+    return (codec is None or codec.bit_rate is None or (codec.width, codec.height) != (frame.width, frame.height)
             or abs(bitrate - codec.bit_rate) / codec.bit_rate > 0.1)
 
 
-def _video_context(name: str, frame: av.VideoFrame, bitrate: int, options: dict[str, str]) -> av.VideoCodecContext:
-    codec = av.CodecContext.create(name, "w")
+def _video_context(name: Literal["libvpx", "libx264"], frame: av.VideoFrame, bitrate: int,
+                   options: dict[str, str]) -> av.VideoCodecContext:
+    codec = av.CodecContext.create(name, "w")  # a literal video codec name: PyAV's stubs give a VideoCodecContext
     codec.width, codec.height = frame.width, frame.height
     codec.bit_rate = bitrate
     codec.pix_fmt = "yuv420p"
@@ -226,6 +231,7 @@ class LiveVp8Encoder(Vp8Encoder):
     and a higher PSNR at the same bitrate."""
 
     def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        assert isinstance(frame, av.VideoFrame)  # as aiortc's own encode asserts: a video sender sends video
         frame = _i420(frame)
         bitrate = self.target_bitrate
         if _needs_new_context(self.codec, frame, bitrate):
@@ -244,6 +250,7 @@ class LiveH264Encoder(H264Encoder):
     CPU per frame, cpu-limits.md), zero latency, Baseline at level 3.1 as aiortc advertises."""
 
     def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        assert isinstance(frame, av.VideoFrame)  # as aiortc's own encode asserts: a video sender sends video
         frame = _i420(frame)
         if _needs_new_context(self.codec, frame, self.target_bitrate):
             self.buffer_data, self.buffer_pts = b"", None
@@ -268,7 +275,7 @@ def use_live_encoders() -> None:
         make = live_encoders.get(codec.mimeType.lower())
         return make() if make is not None else stock(codec)
 
-    get_encoder.live = True  # type: ignore[attr-defined]
+    get_encoder.live = True  # type: ignore[attr-defined]  # a mark on the function, so a second call is a no-op
     aiortc.rtcrtpsender.get_encoder = get_encoder
 
 
@@ -328,5 +335,6 @@ def restrict_ice_to(host: str) -> None:
         return
     import aioice.ice
 
-    address = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0]   # "localhost" -> 127.0.0.1
+    # "localhost" -> 127.0.0.1; str(): an IPv4 or IPv6 sockaddr starts with the address (typeshed allows other kinds)
+    address = str(socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0])
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [address]

@@ -10,13 +10,21 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from stream.arguments import Parser, existing_dir, positive, sizes
 from stream.errors import TalkstreamError
 from stream.presets import DEFAULT_PRESET
+
+if TYPE_CHECKING:  # for annotations only: the commands import their heavy modules when they run
+    import numpy as np
+
+    from stream.doctor import Check
+    from stream.frames import VideoFrame
+
+T = TypeVar("T")
 
 EXAMPLES = """examples:
   talkstream render examples/astronaut.png examples/speech.wav -o talk.mp4
@@ -202,7 +210,7 @@ def _live_packages() -> Iterator[None]:
         raise TalkstreamError(f"the live server needs {package}, which is not installed: pip install -e .") from error
 
 
-def run_async(coroutine):  # type: ignore[no-untyped-def]
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     """uvloop when it is installed (a cheaper loop <-> thread hand-off), asyncio otherwise."""
     try:
         import uvloop
@@ -252,6 +260,7 @@ def _render(args: argparse.Namespace) -> int:
         raise InputError(f"{fmt} cannot be streamed to standard output; use --format nut, y4m or rawvideo")
     if not to_stdout:
         check_writable(Path(args.output))
+    assert fmt is not None  # only a directory output came this far without one, and check_writable refused it
     avatar = Avatar.prepare(args.portrait, preset=args.preset, overrides=preset_overrides(args), backend=args.backend,
                             checkpoints=args.checkpoints, strict=args.strict)
     source = sys.stdin.buffer if args.audio == "-" else Path(args.audio)
@@ -260,13 +269,10 @@ def _render(args: argparse.Namespace) -> int:
     reader = AudioReader(source, raw_rate_hz=args.rate, raw_channels=args.channels)
     profiler = Profiler()
     progress = _Progress(reader.duration_s, avatar.preset.video.fps) if not args.quiet and sys.stderr.isatty() else None
-    stdout = sys.stdout.buffer if to_stdout else None
+    target: Path | BinaryIO = sys.stdout.buffer if to_stdout else Path(args.output)
 
-    def make_sink(info):  # type: ignore[no-untyped-def]
-        return open_sink(stdout if to_stdout else Path(args.output), fmt, info, avatar.preset.encode)
-
-    frames = run_async(render(avatar, reader, make_sink, profiler=profiler,
-                              on_frame=progress.update if progress else None))
+    frames = run_async(render(avatar, reader, lambda info: open_sink(target, fmt, info, avatar.preset.encode),
+                              profiler=profiler, on_frame=progress.update if progress else None))
     if progress:
         progress.done(frames)
     if args.profile:
@@ -373,7 +379,6 @@ def _enhancer_timing(name: str, args: argparse.Namespace, log: Callable[[str], N
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    import tempfile
     import time
 
     import cv2
@@ -399,12 +404,15 @@ def _doctor(args: argparse.Namespace) -> int:
 
         checks += [doctor.Check(name, ok, detail, fix, required=False)
                    for name, ok, detail, fix in describe_checkpoints(args.checkpoints)]
-    checks.append(_smoke_render(tempfile, time))
+    checks.append(_smoke_render())
     return doctor.report(checks)
 
 
-def _smoke_render(tempfile, time):  # type: ignore[no-untyped-def]
+def _smoke_render() -> Check:
     """One second of the example speech through the whole pipeline into an MP4."""
+    import tempfile
+    import time
+
     import numpy as np
 
     from stages.session import AudioReader, Avatar, open_sink, render
@@ -414,7 +422,7 @@ def _smoke_render(tempfile, time):  # type: ignore[no-untyped-def]
         with tempfile.TemporaryDirectory(prefix="talkstream-doctor-") as scratch:
             clip, out = Path(scratch) / "one_second.wav", Path(scratch) / "smoke.mp4"
             reader = AudioReader(EXAMPLE_SPEECH)
-            blocks = []
+            blocks: list[np.ndarray] = []
             while sum(map(len, blocks)) < reader.format.rate_hz and (block := reader.read()) is not None:
                 blocks.append(block)
             _write_wav(clip, np.concatenate(blocks)[: reader.format.rate_hz, 0], reader.format.rate_hz)
@@ -428,7 +436,7 @@ def _smoke_render(tempfile, time):  # type: ignore[no-untyped-def]
         return doctor.Check("smoke render", False, str(error), "run the render command to see the full error")
 
 
-def _write_wav(path: Path, samples, rate: int) -> None:  # type: ignore[no-untyped-def]
+def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
     import wave
 
     with wave.open(str(path), "wb") as wav:
@@ -449,7 +457,7 @@ class _Progress:
         self._total = round(duration_s * fps) if duration_s else None
         self._last_draw = 0.0
 
-    def update(self, frame) -> None:  # type: ignore[no-untyped-def]
+    def update(self, frame: VideoFrame) -> None:
         now = self._clock()
         if now - self._last_draw < 0.1:
             return

@@ -146,7 +146,8 @@ class LivePacer:
         """Sleep until media time `offset_ns` is due; far behind it, re-anchor first (no burst to catch up)."""
         late = self.clock.now_ns() - self.deadline_ns(offset_ns)
         if late > self.reanchor_ns:
-            self.origin_ns += late  # type: ignore[operator]
+            assert self.origin_ns is not None  # deadline_ns raised otherwise
+            self.origin_ns += late
             self.stats.reanchors += 1
         await self.clock.sleep_until(self.deadline_ns(offset_ns))
 

@@ -361,8 +361,9 @@ async def run_together(*coroutines: Coroutine[Any, Any, Any]) -> None:
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in tasks:
-            if task in done and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            error = task.exception() if task in done and not task.cancelled() else None
+            if error is not None:
+                raise error
     finally:
         for task in tasks:
             task.cancel()

@@ -10,9 +10,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 from stream.errors import PresetError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets.toml"
 DEFAULT_PRESET = "balanced"  # when none is named: `render` and the library (`serve` has its own, for live sessions)
@@ -127,13 +130,13 @@ SECTIONS: dict[str, type] = {
     "encode": EncodeSettings,
 }
 
-S = TypeVar("S")
+S = TypeVar("S", bound="DataclassInstance")
 
 
 def build_section(cls: type[S], table: Mapping[str, Any], where: str, checks: Mapping[str, Any] = {}) -> S:
     """A frozen dataclass from a TOML table: every field present, nothing unknown, each value of its type."""
     hints = get_type_hints(cls)
-    names = [field.name for field in fields(cls)]  # type: ignore[arg-type]
+    names = [field.name for field in fields(cls)]
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise PresetError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(names)}")
@@ -239,7 +242,7 @@ def build_preset(name: str, table: Mapping[str, Any]) -> Preset:
     unknown = sorted(set(table) - set(SECTIONS) - {"description"})
     if unknown:
         raise PresetError(f"unknown section {unknown[0]!r} in preset {name}; valid sections: {', '.join(SECTIONS)}")
-    sections = {}
+    sections: dict[str, Any] = {}  # one settings class per section, as Preset's fields take them
     for section, cls in SECTIONS.items():
         checks = {key: check for (where, key), check in _CHECKS.items() if where == section}
         sections[section] = build_section(cls, table.get(section, {}), section, checks)

@@ -47,7 +47,8 @@ class AudioEncoder(nn.Sequential):
     """
 
     def __init__(self) -> None:
-        layout = [  # (cin, cout, kernel, stride, padding, residual)
+        # (cin, cout, kernel, stride, padding, residual)
+        layout: list[tuple[int, int, int, int | tuple[int, int], int, bool]] = [
             (1, 32, 3, 1, 1, False), (32, 32, 3, 1, 1, True), (32, 32, 3, 1, 1, True),
             (32, 64, 3, (3, 1), 1, False), (64, 64, 3, 1, 1, True), (64, 64, 3, 1, 1, True),
             (64, 128, 3, 3, 1, False), (128, 128, 3, 1, 1, True), (128, 128, 3, 1, 1, True),

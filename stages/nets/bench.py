@@ -94,6 +94,7 @@ def run_case(master: OcclusionAwareSPADEGenerator, case: Case, device: torch.dev
         torch.cuda.reset_peak_memory_stats(device)
     try:
         with torch.inference_mode():
+            call: Callable[[], torch.Tensor]  # a partial, or what torch.compile makes of it
             if case.path == "render":
                 call = partial(network.render, network.encode_source(source), kp_source, kp_driving)
             else:

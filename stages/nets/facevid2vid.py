@@ -30,7 +30,7 @@ SPADE_HIDDEN = 128
 DECODER_CHANNELS = 256  # the warped feature: the decoder's input and its SPADE segmentation map
 
 
-def coordinate_grid(depth: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+def coordinate_grid(depth: int, height: int, width: int, *, device: torch.device | None = None) -> torch.Tensor:
     """(depth, height, width, 3) float32 (x, y, z) coordinates, corner-aligned: 2 i / (n - 1) - 1.
 
     grid_sample later reads them with align_corners=False; the half-pixel mismatch is upstream's and is kept."""
@@ -146,11 +146,16 @@ class SpectralNormConv2d(nn.Module):
     at construction and after every `load_state_dict` (a post-hook), never per frame. Call `fold()` after changing
     `weight_orig`, `weight_u` or `weight_v` any other way."""
 
+    # Buffers, registered in __init__: declared so that they type as tensors, not as nn.Module.__getattr__'s union.
+    weight_u: torch.Tensor
+    weight_v: torch.Tensor
+    weight: torch.Tensor
+
     def __init__(self, cin: int, cout: int, kernel: int, bias: bool = True) -> None:
         super().__init__()
         reference = nn.Conv2d(cin, cout, kernel, bias=bias)  # torch's default init, for a usable unloaded module
         self.weight_orig = nn.Parameter(reference.weight.detach().clone())
-        self.bias = nn.Parameter(reference.bias.detach().clone()) if bias else None
+        self.bias = nn.Parameter(reference.bias.detach().clone()) if reference.bias is not None else None
         self.register_buffer("weight_u", F.normalize(torch.randn(cout), dim=0))
         self.register_buffer("weight_v", F.normalize(torch.randn(cin * kernel * kernel), dim=0))
         self.register_buffer("weight", torch.empty_like(self.weight_orig), persistent=False)
@@ -245,6 +250,8 @@ class SPADEDecoder(nn.Module):
 class AntiAliasDownsample(nn.Module):
     """Gaussian blur (sigma 1.5, 13x13, depthwise) then every 4th pixel; the kernel is the checkpoint's buffer
     `weight`, used as stored. Equivalent to upstream's pad-convolve-slice in one strided conv."""
+
+    weight: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, channels: int = 3, scale: float = 0.25) -> None:
         super().__init__()
