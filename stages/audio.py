@@ -70,8 +70,8 @@ class AudioReader:
         self._notice = notice
         # Raw PCM looks like nothing to a probe: standard input (unnamed: the command line's) says how to pass it.
         self._hint = "; for raw s16le PCM give --rate HZ" if name is None and not is_path else ""
-        self._blocks: Iterator[np.ndarray]
-        if is_path:
+        self._blocks: Iterator[SpeechFormat | np.ndarray]   # the format first, then int16 (samples, channels) blocks
+        if isinstance(source, (str, Path)):
             self._blocks = self._from_container(source)
         elif raw_rate_hz is not None:
             if raw_rate_hz < 1000 or raw_channels < 1:
@@ -87,7 +87,9 @@ class AudioReader:
             else:
                 self._blocks = self._from_container(_Prefixed(head, source))
         self.duration_s: float | None = None  # known for files, None for live streams
-        self.format: SpeechFormat = next(self._blocks)  # type: ignore[assignment]
+        first = next(self._blocks)
+        assert isinstance(first, SpeechFormat)
+        self.format = first
         self.samples = 0
 
     def read(self) -> np.ndarray | None:
@@ -97,10 +99,11 @@ class AudioReader:
             if self.samples == 0:
                 raise InputError(f"{self.name} contains no audio samples")
             return None
+        assert isinstance(block, np.ndarray)
         self.samples += len(block)
         return block
 
-    def _from_container(self, source: str | Path | BinaryIO) -> Iterator[SpeechFormat | np.ndarray]:
+    def _from_container(self, source: str | Path | BinaryIO | _Prefixed) -> Iterator[SpeechFormat | np.ndarray]:
         try:
             container = av.open(source if not isinstance(source, Path) else str(source), "r")
         except FileNotFoundError as error:
@@ -175,7 +178,7 @@ class AudioReader:
             samples = _to_int16(pending[:usable], codec).reshape(-1, channels)
             pending = pending[usable:]
             yield from _fit(samples, speech, rate_hz, resample)
-        if remaining:
+        if limit is not None and remaining:
             self._cut_short(limit - remaining, limit, rate_hz * frame_bytes)
         if resample is not None:
             for out in resample.resample(None):
@@ -245,7 +248,8 @@ def _to_int16(data: bytes, codec: str) -> np.ndarray:
     return (np.clip(np.frombuffer(data, "<f4"), -1.0, 1.0) * 32767).astype(np.int16)
 
 
-def _fit(samples: np.ndarray, speech: SpeechFormat, rate_hz: int, resample: av.AudioResampler | None):
+def _fit(samples: np.ndarray, speech: SpeechFormat, rate_hz: int,
+         resample: av.AudioResampler | None) -> Iterator[np.ndarray]:
     """Fold channels to the output layout and resample when the input rate is not carried as it is."""
     if samples.shape[1] != speech.channels:
         samples = samples.mean(axis=1, keepdims=True).astype(np.int16)
@@ -351,7 +355,7 @@ class FeatureChunker(Stage):
 
     def _cut(self, *, final: bool) -> list[AudioChunk]:
         """Every whole hop ready, in one chunk of at most `_MAX_HOPS` (live input makes one hop at a time)."""
-        chunks = []
+        chunks: list[AudioChunk] = []
         pcm_step = self._pcm_hops.start(1)
         while True:
             hops = min(len(self._pcm) // pcm_step, _MAX_HOPS)

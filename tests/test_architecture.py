@@ -1,5 +1,6 @@
 """The layers hold: import-linter's contracts (pyproject.toml) and ruff's banned imports for the clients, run here so
-the test command enforces them, and shown to fail when a client reaches past the public API."""
+the test command enforces them, and shown to fail when a client reaches past the public API; mypy, with every
+definition typed."""
 
 from __future__ import annotations
 
@@ -57,3 +58,9 @@ def test_ruff_is_clean_and_bans_stage_modules_in_the_server() -> None:
     banned = subprocess.run([ruff, "check", "--stdin-filename", "server.py", "-"], cwd=ROOT, input=server,
                             capture_output=True, text=True, timeout=120)
     assert banned.returncode != 0 and "TID251" in banned.stdout and "stages.session" in banned.stdout
+
+
+@pytest.mark.slow   # a cold check takes about a minute on two cores
+def test_mypy_finds_every_definition_typed_and_consistent() -> None:
+    result = subprocess.run([tool("mypy")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]

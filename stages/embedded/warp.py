@@ -292,15 +292,15 @@ class WarpRenderer:
         may_change[self._head_weight > 0] = 1
         # Upsampling the node lattice spreads a shift by up to one node spacing, remap by a pixel more.
         grow = self._step + 2
-        may_change = cv2.dilate(may_change, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8))
-        distance = cv2.distanceTransform(1 - may_change, cv2.DIST_L2, 3)
+        changing = cv2.dilate(may_change, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8))
+        distance = cv2.distanceTransform(1 - changing, cv2.DIST_L2, 3)
         y, x = np.mgrid[0:height, 0:width]
         to_border = np.minimum(np.minimum(x, width - 1 - x), np.minimum(y, height - 1 - y)).astype(np.float32)
         still_border = max(2.0, 0.03 * min(height, width))
-        fade = max(1.0, float(np.min(to_border[may_change > 0])) - still_border)
+        fade = max(1.0, float(np.min(to_border[changing > 0])) - still_border)
         soft = 1.0 - smoothstep(0.0, fade, distance)
         soft[to_border < still_border] = 0.0
-        soft[may_change > 0] = 1.0
+        soft[changing > 0] = 1.0
         frozen = np.repeat((soft <= 0.0)[:, :, None], 3, axis=2)
         return frozen, soft.astype(np.float32)
 
@@ -412,7 +412,8 @@ class WarpRenderer:
         if blink:
             self._add_eye_shift(where, (y0, x0), blink)
         # Fixed-point maps (1/32 px) make the remap about twice as fast as float maps and keep whole pixels exact.
-        packed, fraction = cv2.convertMaps(where, None, cv2.CV_16SC2)
+        # map2=None (both coordinates in `where`) is OpenCV's documented call; its stub asks for an array
+        packed, fraction = cv2.convertMaps(where, None, cv2.CV_16SC2)  # type: ignore[call-overload]
         cv2.remap(
             self._base, packed, fraction, cv2.INTER_LINEAR, dst=out[y0:y1, x0:x1], borderMode=cv2.BORDER_REPLICATE
         )
@@ -424,11 +425,11 @@ class WarpRenderer:
         eye = np.zeros((bottom - top, right - left, 2), dtype=np.float32)
         self._eye_shifts.add_to(eye, (blink,), offset=(top, left))
         around_eyes = where[top - origin[0] : bottom - origin[0], left - origin[1] : right - origin[1]]
-        eye = cv2.remap(
+        moved = cv2.remap(
             eye, around_eyes - np.array([left, top], dtype=np.float32), None, cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_CONSTANT, borderValue=0,
         )
-        around_eyes += eye
+        around_eyes += moved
 
     def _paint_mouth(self, out: np.ndarray, lips: np.ndarray) -> None:
         """Paint cavity, teeth and tongue inside the moved inner-lip polygon (lips = points 60..67)."""

@@ -61,6 +61,11 @@ class Bottleneck(nn.Module):
 class ResNet50Trunk(nn.Module):
     """ResNet-50 up to global average pooling: (B, 3, H, W) -> (B, 2048, 1, 1)."""
 
+    layer1: nn.Sequential   # made in a loop below, under the names the checkpoint keys use
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
