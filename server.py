@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -237,6 +238,8 @@ async def offer(request: web.Request) -> web.Response:
     if kind != "offer" or "m=" not in sdp:
         raise ApiError(400, "not an SDP offer")
     settings = server.settings
+    if session.closed:   # hung up while the offer was read: a peer made now would belong to nobody
+        raise ApiError(404, f"no session {session.id!r}")
     session.peer = WebRtcPeer(session.live, video_codec=settings.video_codec, ice_servers=settings.ice_servers,
                               name=session.id)
     try:
@@ -244,6 +247,12 @@ async def offer(request: web.Request) -> web.Response:
     except BadOffer as error:
         await server.close(session.id)
         raise ApiError(400, str(error)) from None
+    except Exception:
+        if session.closed:   # hung up while the answer was made: its close closed the peer under aiortc
+            raise ApiError(404, f"no session {session.id!r}") from None
+        raise
+    if session.closed:
+        raise ApiError(404, f"no session {session.id!r}")
     return web.json_response({"sdp": answer.sdp, "type": answer.type})
 
 
@@ -275,7 +284,8 @@ async def audio_socket(request: web.Request) -> web.StreamResponse:
     async for message in socket:
         session.touch()
         if message.type == WSMsgType.BINARY and len(message.data) % 2 == 0:
-            session.live.push(np.frombuffer(message.data, "<i2"), rate)
+            if message.data:   # an empty message is no speech (and nothing to resample)
+                session.live.push(np.frombuffer(message.data, "<i2"), rate)
         elif message.type == WSMsgType.TEXT and message.data.strip() == "end":
             session.live.end_utterance()
         else:
@@ -589,7 +599,7 @@ def _page_url(settings: ServerSettings) -> str:
     page reads it from there; a fragment never reaches a server's log)."""
     host = _this_machine() if settings.host in ("0.0.0.0", "::", "") else settings.host
     host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{settings.port}/" + (f"#token={settings.token}" if settings.token else "")
+    return f"http://{host}:{settings.port}/" + (f"#token={quote(settings.token, safe='')}" if settings.token else "")
 
 
 def _this_machine() -> str:

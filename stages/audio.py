@@ -115,7 +115,7 @@ class AudioReader:
                 raise InputError(f"{self.name} has no audio stream")
             stream = container.streams.audio[0]
             speech = output_format(stream.rate or FALLBACK_RATE_HZ, stream.channels or 1)
-            if isinstance(source, (str, Path)):
+            if isinstance(source, (str, Path)) and Path(source).is_file():   # a FIFO must not be read twice
                 self._check_wav_length(Path(source))
                 if container.duration:
                     self.duration_s = container.duration / av.time_base

@@ -335,6 +335,8 @@ def restrict_ice_to(host: str) -> None:
         return
     import aioice.ice
 
-    # "localhost" -> 127.0.0.1; str(): an IPv4 or IPv6 sockaddr starts with the address (typeshed allows other kinds)
-    address = str(socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0])
+    # The listener's family (IPv4 unless the host is an IPv6 address): "localhost" -> 127.0.0.1 even where /etc/hosts
+    # lists ::1 first, or no peer on IPv4 would find a pair. str(): a sockaddr starts with the address.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = str(socket.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)[0][4][0])
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [address]

@@ -197,3 +197,13 @@ async def test_an_unexpected_failure_is_a_json_500_and_a_log_line(caplog: pytest
     finally:
         await test_server.close()
     assert any("a bug in a handler" in (record.exc_text or str(record.exc_info)) for record in caplog.records)
+
+
+def test_the_printed_address_carries_any_token_intact() -> None:
+    from urllib.parse import parse_qs
+
+    from server import _page_url
+
+    url = _page_url(ServerSettings(token="a+b&c=d#e%f"))
+    assert url.startswith("http://127.0.0.1:8080/#token=")
+    assert parse_qs(url.split("#", 1)[1])["token"] == ["a+b&c=d#e%f"]   # as the page's URLSearchParams reads it

@@ -174,6 +174,7 @@ async def test_bad_requests_get_their_status_and_the_server_goes_on(server: Test
         created = await create(http, base, example="astronaut")
         session_id = (await created.json())["id"]
         socket = await http.ws_connect(f"{base}/api/sessions/{session_id}/audio")
+        await socket.send_bytes(b"")                          # no speech: ignored
         await socket.send_bytes(b"\x01\x02\x03")              # not 16-bit PCM
         reply = await socket.receive_json(timeout=5)
         assert "s16le" in reply["error"]

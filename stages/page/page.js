@@ -8,7 +8,7 @@ let session = null, pc = null, microphone = null, timer = null;
 
 const setStatus = (text) => { $("status").textContent = text; };
 const showError = (text) => { $("error").textContent = text; };
-const TOKEN_HINT = `open this page as ${location.origin}${location.pathname}#token=TOKEN`;
+const TOKEN_HINT = `open this page as ${location.origin}${location.pathname}#token=TOKEN (URL-encoded)`;
 
 async function api(path, options = {}) {
   if (token) options.headers = {...options.headers, Authorization: `Bearer ${token}`};
@@ -160,6 +160,12 @@ $("hangup").onclick = act(hangUp);
 $("interrupt").onclick = act(() => api(`/api/sessions/${session}/interrupt`, {method: "POST"}));
 $("speech").onchange = act(sayFile);
 $("mute").onchange = () => { $("video").muted = $("mute").checked; };
+// Leaving or reloading the page hangs up: the server's slot is freed now, not when its idle timeout ends.
+window.addEventListener("pagehide", () => {
+  if (!session) return;
+  const headers = token ? {Authorization: `Bearer ${token}`} : {};
+  fetch(`/api/sessions/${session}`, {method: "DELETE", headers, keepalive: true});
+});
 if (!MICROPHONE_ALLOWED) {
   $("mic").checked = false;
   $("mic").disabled = true;
