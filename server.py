@@ -438,6 +438,12 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
     """Every answer of 400 and above is `{"error": "..."}`; an unexpected failure is logged here (with its traceback)
     and answered 500 with one line, never a traceback."""
     server = request.app[SERVER]
+    origin = server.settings.cors_origin
+    if origin and request.method == "OPTIONS" and request.path.startswith("/api/"):
+        # A browser's preflight carries no token: it asks whether the real request (JSON, a bearer token) may go.
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Origin": origin, "Access-Control-Allow-Methods": "GET, POST, DELETE",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Max-Age": "600"})
     try:
         token = server.settings.token
         public = request.path == "/api/config"   # the page learns from it that it needs the token

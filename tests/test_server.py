@@ -357,14 +357,21 @@ async def test_a_peer_that_vanishes_is_cleaned_up_within_five_seconds(server: Te
 
 
 async def test_an_unused_session_times_out_and_cors_is_off_unless_asked() -> None:
-    settings = ServerSettings(limits=Limits(idle_timeout_s=1.0), cors_origin="https://app.example")
+    settings = ServerSettings(limits=Limits(idle_timeout_s=1.0), cors_origin="https://app.example", token="t0")
     test_server = TestServer(make_app(settings), host="127.0.0.1")
     await test_server.start_server()
     base = str(test_server.make_url("")).rstrip("/")
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0"}) as http, \
+                aiohttp.ClientSession() as browser:   # a preflight carries no token
             created = await create(http, base, example="astronaut")
             assert created.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            preflight = await browser.options(f"{base}/api/sessions/{(await created.json())['id']}/offer", headers={
+                "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type"})
+            assert preflight.status == 204
+            assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
             for _ in range(40):
                 if (await (await http.get(f"{base}/healthz")).json())["sessions"] == 0:
                     break
