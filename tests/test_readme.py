@@ -23,9 +23,10 @@ import av
 import cv2
 import numpy as np
 import pytest
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection
 
 from tests.conftest import PORTRAIT, ROOT, SPEECH, free_port, stop
+from tests.test_server import connect
 
 README = ROOT / "README.md"
 FPS = 25
@@ -256,14 +257,9 @@ async def _json_api(base: str, token: str | None) -> None:
         assert (await http.get(f"{base}/api/config")).status == 200
         created = await http.post(f"{base}/api/sessions", data={"example": "astronaut"})
         assert created.status == 201, await created.text()
-        session = f"{base}/api/sessions/{(await created.json())['id']}"
-        pc = RTCPeerConnection()
-        pc.addTransceiver("video", direction="recvonly")
-        pc.addTransceiver("audio", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        answer = await http.post(f"{session}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
-        assert answer.status == 200, await answer.text()
-        await pc.setRemoteDescription(RTCSessionDescription(**await answer.json()))
+        session_id = (await created.json())["id"]
+        session = f"{base}/api/sessions/{session_id}"
+        pc = await connect(http, base, session_id, RTCPeerConnection())   # aiortc's defaults, as a user writes it
         video = next(receiver.track for receiver in pc.getReceivers() if receiver.track.kind == "video")
         frames = [await asyncio.wait_for(video.recv(), 10) for _ in range(25)]
         spoken = await http.post(f"{session}/speak", data={"audio": SPEECH.open("rb")})

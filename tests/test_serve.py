@@ -14,13 +14,13 @@ import aiohttp
 import cv2
 import numpy as np
 import pytest
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection
 
 from server import ServerSettings, build_parser, settings_from
 from stages.portrait import DlibDetector
 from tests.conftest import PORTRAIT, ROOT, SPEECH, ServeProcess, talkstream_command
 from tests.quality import mouth_geometry, stack_landmarks
-from tests.test_server import collect
+from tests.test_server import collect, connect
 
 pytestmark = pytest.mark.timeout(240)
 DETECTOR = DlibDetector()
@@ -28,15 +28,7 @@ DETECTOR = DlibDetector()
 
 async def plain_peer(http: aiohttp.ClientSession, base: str, session_id: str) -> RTCPeerConnection:
     """What a Python user writes: a peer with aiortc's defaults, receiving video and audio."""
-    pc = RTCPeerConnection()
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    answer = await http.post(f"{base}/api/sessions/{session_id}/offer",
-                             json={"sdp": pc.localDescription.sdp, "type": "offer"})
-    assert answer.status == 200, await answer.text()
-    await pc.setRemoteDescription(RTCSessionDescription(**await answer.json()))
-    return pc
+    return await connect(http, base, session_id, RTCPeerConnection())
 
 
 async def receive(pc: RTCPeerConnection, seconds: float) -> tuple[list, list]:

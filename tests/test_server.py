@@ -54,8 +54,10 @@ async def create(http: aiohttp.ClientSession, base: str, **fields: str | bytes) 
     return await http.post(f"{base}/api/sessions", data=form)
 
 
-async def connect(http: aiohttp.ClientSession, base: str, session_id: str) -> RTCPeerConnection:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+async def connect(http: aiohttp.ClientSession, base: str, session_id: str,
+                  pc: RTCPeerConnection | None = None) -> RTCPeerConnection:
+    """`pc` (default: one without STUN) offers to receive video and audio; the server's answer is applied."""
+    pc = pc or RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
