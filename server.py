@@ -45,7 +45,6 @@ from stages.session import (
     use_live_encoders,
 )
 from stream.arguments import Parser, existing_dir, port, positive
-from stream.clock import seconds_of_ns
 from stream.errors import TalkstreamError
 
 LOG = logging.getLogger("talkstream.server")
@@ -317,17 +316,18 @@ async def metrics(request: web.Request) -> web.Response:
     lines = ["# TYPE talkstream_sessions gauge", f"talkstream_sessions {len(server.sessions)}"]
     for name, value in server.counters.items():
         lines += [f"# TYPE talkstream_{name}_total counter", f"talkstream_{name}_total {value}"]
-    per_session = {
-        "frames_speech": lambda s: s.live.pacer.stats.speech_frames,
-        "frames_idle": lambda s: s.live.pacer.stats.idle_frames,
-        "frames_repeated": lambda s: s.live.pacer.stats.repeated_frames,
-        "frames_dropped": lambda s: s.live.pacer.stats.dropped_frames,
-        "clock_reanchors": lambda s: s.live.pacer.stats.reanchors,
-        "speech_received_seconds": lambda s: s.live.received_speech_s,
+    stats = {s.id: s.live.stats() for s in server.sessions.values()}
+    per_session: dict[str, Callable[[LiveAvatarSession], float]] = {
+        "frames_speech": lambda s: stats[s.id].speech_frames,
+        "frames_idle": lambda s: stats[s.id].idle_frames,
+        "frames_repeated": lambda s: stats[s.id].repeated_frames,
+        "frames_dropped": lambda s: stats[s.id].dropped_frames,
+        "clock_reanchors": lambda s: stats[s.id].clock_reanchors,
+        "speech_received_seconds": lambda s: stats[s.id].speech_received_s,
         "video_fps": lambda s: round(s.peer.video.fps, 2) if s.peer else 0.0,
-        "latency_target_seconds": lambda s: seconds_of_ns(s.live.pacer.latency_ns),
-        "speech_to_frame_seconds": lambda s: seconds_of_ns(s.live.pacer.stats.speech_latency_ns),
-        "least_frame_slack_seconds": lambda s: seconds_of_ns(s.live.pacer.stats.least_slack_ns or 0),
+        "latency_target_seconds": lambda s: stats[s.id].latency_target_s,
+        "speech_to_frame_seconds": lambda s: stats[s.id].speech_to_frame_s,
+        "least_frame_slack_seconds": lambda s: stats[s.id].least_frame_slack_s,
         "packets_lost": lambda s: s.peer.packets_lost if s.peer else 0,
         "round_trip_seconds": lambda s: s.peer.round_trip_s if s.peer else 0.0,
     }
@@ -335,12 +335,9 @@ async def metrics(request: web.Request) -> web.Response:
         lines.append(f"# TYPE talkstream_{metric} gauge")
         lines += [f'talkstream_{metric}{{session="{s.id}"}} {read(s)}' for s in server.sessions.values()]
     lines.append("# TYPE talkstream_stage_busy_ms_per_frame gauge")
-    for session in server.sessions.values():
-        profiler = session.live.session.profiler
-        for stage in profiler.stages:
-            frames = max(1, stage.items)
-            lines.append(f'talkstream_stage_busy_ms_per_frame{{session="{session.id}",stage="{stage.name}"}} '
-                         f"{stage.busy_ns / 1e6 / frames:.3f}")
+    for session_id, snapshot in stats.items():
+        lines += [f'talkstream_stage_busy_ms_per_frame{{session="{session_id}",stage="{stage}"}} {ms:.3f}'
+                  for stage, ms in snapshot.stage_ms_per_frame.items()]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 

@@ -36,7 +36,7 @@ async def main(speech: Path, output: Path, seconds: float) -> None:
         video = container.add_stream("libx264", rate=25, options={"preset": "veryfast"})
         video.width, video.height = avatar.image.shape[1], avatar.image.shape[0]
         video.pix_fmt = "yuv420p"
-        audio = container.add_stream("aac", rate=48000, layout="mono")
+        audio = container.add_stream("aac", rate=48000, layout="mono")   # the live voice's rate (Opus' own)
 
         encoder = ThreadPoolExecutor(1)  # encoding stays off the event loop, which paces the media
         loop = asyncio.get_running_loop()
@@ -65,13 +65,13 @@ async def main(speech: Path, output: Path, seconds: float) -> None:
                 for block in range(round(seconds * 50)):
                     samples = await live.next_audio(block)
                     frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
-                    frame.sample_rate, frame.pts = 48000, block * 960
+                    frame.sample_rate, frame.pts = live.timing.rate_hz, block * live.timing.block_samples
                     await loop.run_in_executor(encoder, write, audio, frame)
 
             await asyncio.gather(speak(), show(), play())
         write(video, None)
         write(audio, None)
-    print(f"wrote {output}: {live.pacer.stats}")
+    print(f"wrote {output}: {live.stats()}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Audio in: decode anything ffmpeg reads (file, pipe, stdin), keep the speech as it came, and cut 20 ms chunks
-carrying a 16 kHz mono float copy for the features.
+"""Audio in: decode anything ffmpeg reads (file, pipe, stdin), keep the speech as it came, and cut its 16 kHz mono
+float copy into 20 ms chunks for the features.
 
 Live input never waits on PyAV's probe buffer: a WAV header or raw PCM on a pipe is parsed here and passed on in
 small reads (PyAV probing a piped WAV holds 1.5-5 s of audio before the first sample comes out).
@@ -12,14 +12,13 @@ import struct
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
 import av
 import numpy as np
 
-from stream.clock import FrameClock, resampled_length
+from stream.clock import resampled_length
 from stream.errors import InputError
 from stream.frames import AudioChunk
 from stream.pipeline import Stage
@@ -290,11 +289,43 @@ def _reason(error: BaseException) -> str:
     return text.split(":")[-1].strip() or type(error).__name__
 
 
-class FeatureChunker(Stage):
-    """Speech blocks (int16 (n, channels), any length) -> `AudioChunk`s of `chunk_ms` with a 16 kHz mono copy.
+class FeatureCopy:
+    """int16 speech at one rate (mono or more channels) -> the mono float32 16 kHz copy the motion models read,
+    streaming: the one resampling the features take (the speech itself keeps its rate)."""
 
-    Chunks tile the speech exactly; at the end the 16 kHz copy is padded or trimmed to the exact length of the speech,
-    so the motion stage counts the same number of frames as the sinks.
+    def __init__(self, rate_hz: int, channels: int = 1) -> None:
+        self.rate_hz = rate_hz
+        self.channels = channels
+        self._resampler = av.AudioResampler("flt", "mono", FEATURE_RATE_HZ)
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        """The copy of `block` (int16, (n, channels) or (n,) mono) as far as the resampler lets it out."""
+        block = np.asarray(block, np.int16).reshape(-1, self.channels)
+        if not len(block):
+            return np.zeros(0, np.float32)
+        mono = block if self.channels == 1 else block.mean(axis=1, dtype=np.float32).astype(np.int16)[:, None]
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.rate_hz
+        return joined_samples(self._resampler.resample(frame), np.float32)
+
+    def flush(self) -> np.ndarray:
+        """What the resampler still holds; it starts afresh after."""
+        rest = joined_samples(self._resampler.resample(None), np.float32)
+        self._resampler = av.AudioResampler("flt", "mono", FEATURE_RATE_HZ)
+        return rest
+
+
+def joined_samples(frames: list[av.AudioFrame], dtype: type) -> np.ndarray:
+    """A resampler's output frames (mono) as one array of `dtype` samples."""
+    parts = [out.to_ndarray().reshape(-1) for out in frames]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, dtype)
+
+
+class FeatureChunker(Stage):
+    """Speech blocks (int16 (n, channels), any length) -> `AudioChunk`s of `chunk_ms` of its 16 kHz mono copy.
+
+    At the end the copy is padded or trimmed to the exact length of the speech, so the motion stage counts the same
+    number of frames as the sinks.
     """
 
     name = "audio"
@@ -302,16 +333,11 @@ class FeatureChunker(Stage):
     def __init__(self, speech: SpeechFormat, chunk_ms: int) -> None:
         super().__init__()
         self.speech = speech
-        # Hops laid over both timelines like frames: hop k starts at sample start(k) of each.
-        hop_rate = Fraction(1000, chunk_ms)
-        self._speech_hops = FrameClock(hop_rate, speech.rate_hz)
-        self._pcm_hops = FrameClock(hop_rate, FEATURE_RATE_HZ)
+        self._hop = FEATURE_RATE_HZ * chunk_ms // 1000
         self._reset()
 
     def _reset(self) -> None:
-        self._resampler = av.AudioResampler("flt", "mono", FEATURE_RATE_HZ)
-        self._speech_parts: list[np.ndarray] = []
-        self._speech_buffered = 0
+        self._copy = FeatureCopy(self.speech.rate_hz, self.speech.channels)
         self._pcm = np.zeros(0, np.float32)
         self._speech_total = 0
         self._pcm_total = 0
@@ -324,20 +350,12 @@ class FeatureChunker(Stage):
         return [chunk for block in blocks for chunk in self.push(block)]
 
     def push(self, block: np.ndarray) -> list[AudioChunk]:
-        block = np.asarray(block, np.int16).reshape(-1, self.speech.channels)
-        if not len(block):
-            return []
-        self._speech_parts.append(block)
-        self._speech_buffered += len(block)
-        self._speech_total += len(block)
-        mono = block if self.speech.channels == 1 else block.mean(axis=1, dtype=np.float32).astype(np.int16)[:, None]
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono).reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = self.speech.rate_hz
-        self._append_pcm(self._resampler.resample(frame))
+        self._speech_total += len(np.asarray(block).reshape(-1, self.speech.channels))
+        self._append(self._copy.push(block))
         return self._cut(final=False)
 
     def finish(self) -> list[AudioChunk]:
-        self._append_pcm(self._resampler.resample(None))
+        self._append(self._copy.flush())
         exact = resampled_length(self._speech_total, self.speech.rate_hz, FEATURE_RATE_HZ)
         surplus = self._pcm_total - exact
         if surplus > 0:
@@ -347,38 +365,18 @@ class FeatureChunker(Stage):
         self._pcm_total = exact
         return self._cut(final=True)
 
-    def _append_pcm(self, frames: list[av.AudioFrame]) -> None:
-        for out in frames:
-            samples = out.to_ndarray().reshape(-1)
-            self._pcm = np.concatenate([self._pcm, samples])
-            self._pcm_total += len(samples)
+    def _append(self, pcm: np.ndarray) -> None:
+        if len(pcm):
+            self._pcm = np.concatenate([self._pcm, pcm])
+            self._pcm_total += len(pcm)
 
     def _cut(self, *, final: bool) -> list[AudioChunk]:
-        """Every whole hop ready, in one chunk of at most `_MAX_HOPS` (live input makes one hop at a time)."""
+        """Every whole hop ready, in chunks of at most `_MAX_HOPS` (live input makes one hop at a time); at the end
+        the partial hop left over too."""
         chunks: list[AudioChunk] = []
-        pcm_step = self._pcm_hops.start(1)
-        while True:
-            hops = min(len(self._pcm) // pcm_step, _MAX_HOPS)
-            while hops and self._speech_total < self._speech_hops.start(self._index + hops):
-                hops -= 1
-            if not hops:
-                if not (final and (len(self._pcm) or self._speech_buffered)):
-                    return chunks
-                pcm, speech = self._pcm, self._take_speech(self._speech_buffered)
-                self._pcm = self._pcm[:0]
-                hops = 1
-            else:
-                pcm = self._pcm[: hops * pcm_step]
-                self._pcm = self._pcm[hops * pcm_step:]
-                speech = self._take_speech(
-                    self._speech_hops.start(self._index + hops) - self._speech_hops.start(self._index))
-            chunks.append(AudioChunk(self._index, pcm, speech))
-            self._index += hops
-
-    def _take_speech(self, count: int) -> np.ndarray:
-        joined = np.concatenate(self._speech_parts) if len(self._speech_parts) != 1 else self._speech_parts[0]
-        count = min(count, len(joined))
-        taken, rest = joined[:count], joined[count:]
-        self._speech_parts = [rest] if len(rest) else []
-        self._speech_buffered = len(rest)
-        return taken
+        while (hops := min(len(self._pcm) // self._hop, _MAX_HOPS)) or (final and len(self._pcm)):
+            size = hops * self._hop if hops else len(self._pcm)
+            chunks.append(AudioChunk(self._index, self._pcm[:size]))
+            self._pcm = self._pcm[size:]
+            self._index += max(hops, 1)
+        return chunks

@@ -239,7 +239,7 @@ class ComposeStage(Stage):
         images = [self.compose(item.crop) for item in batch]
         if self.enhancer is not None:
             self.enhancer.enhance_batch(images, [self._in_frame(item) for item in batch])
-        return [VideoFrame(item.index, image, item.speech, self.blender.roi) for item, image in zip(batch, images)]
+        return [VideoFrame(item.index, image, changed=self.blender.roi) for item, image in zip(batch, images)]
 
     def _in_frame(self, item: FaceCrop) -> np.ndarray | None:
         """The crop's landmarks in frame pixels (the crop is scaled to the ROI, then placed at its corner)."""

@@ -35,5 +35,5 @@ class RenderStage(Stage):
     def process(self, batch: list[Motion]) -> list[FaceCrop]:
         crops = self.renderer.render_batch([motion.pose for motion in batch])
         points = self.landmarks
-        return [FaceCrop(motion.index, crop, motion.speech, None if points is None else points(motion.pose))
+        return [FaceCrop(motion.index, crop, None if points is None else points(motion.pose))
                 for motion, crop in zip(batch, crops, strict=True)]

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
@@ -39,15 +38,24 @@ from stages.backend import Backend, needs_extra
 from stages.blend import BLEND_MODES, Blender, ComposeStage
 from stages.embedded.backend import EmbeddedBackend
 from stages.enhance import WISHES, Restorer, make_enhancer, prepare_restorer, resolve_enhancer
-from stages.motion import MotionModel, MotionStage, SpeechBuffer
+from stages.live import (
+    LIVE_RATES_HZ,
+    LIVE_RENDER_MARGIN_MS,
+    VOICE_RATE_HZ,
+    ContinuousSession,
+    LiveFrame,
+    LiveSession,
+    LiveStats,
+)
+from stages.motion import MotionModel, MotionStage
 from stages.portrait import DlibDetector, Portrait, prepare_portrait
 from stages.render import RenderStage
 from stages.sinks import Sink, check_writable, open_sink
 from stream.clock import FrameClock
 from stream.errors import InputError, PresetError
-from stream.frames import StreamInfo, VideoFrame
-from stream.pacing import Clock, LivePacer, Timing
-from stream.pipeline import DRAIN_MAX, Chain, Pipeline, Stage, run_together
+from stream.frames import SpeechBuffer, StreamInfo, VideoFrame
+from stream.pacing import Clock
+from stream.pipeline import DRAIN_MAX, Chain, Closing, Pipeline, Stage, run_together
 from stream.presets import DEFAULT_PRESET, Preset, PresetBook, build_section, check_choice, check_fixed
 from stream.profile import Profiler, StageTimes
 
@@ -56,12 +64,11 @@ WEBRTC_NAMES = ("BadOffer", "WebRtcPeer", "is_loopback", "restrict_ice_to", "use
 # The door: the engine, and what its clients need of the stages (speech in, files out, landmarks); the WebRTC
 # names and `bench_live` come from `__getattr__` below, on first use.
 __all__ = [
-    "LIVE_RATES_HZ", "AudioReader", "Avatar", "DlibDetector", "LiveSession", "Session", "check_writable",
+    "LIVE_RATES_HZ", "AudioReader", "Avatar", "ContinuousSession", "DlibDetector", "LiveFrame", "LiveSession",
+    "LiveStats", "Session", "check_writable",
     "describe_checkpoints", "enhancer_benchmark", "load_networks", "load_preset", "open_sink", "render",
     "renderer_benchmark", "speech_lead_ms",
 ]
-LIVE_RENDER_MARGIN_MS = 40   # a live frame's rendering and its hops between stages, with a busy second core
-LIVE_RATES_HZ = (16000, 24000, 48000)  # raw live PCM's rates: a 16 kHz microphone, 24 kHz TTS, Opus' 48 kHz
 
 
 def backend_named(name: str) -> type[Backend]:
@@ -149,6 +156,12 @@ class Avatar:
         """A live session: speech pushed as it is spoken; paced video and voice out, idle in the silences.
         `latency_ms`: from speech in to its frame out (default: `live_latency_ms`)."""
         return LiveSession(self, clock=clock, latency_ms=latency_ms, seed=seed)
+
+    def open_continuous(self, *, voice_rate_hz: int = VOICE_RATE_HZ, seed: int = 0) -> ContinuousSession:
+        """An unpaced live session: speech pushed as it comes, an endless video read at the reader's own pace
+        (speech frames with their voice at `voice_rate_hz`, idle frames between); for frameworks that pace
+        themselves."""
+        return ContinuousSession(self, voice_rate_hz=voice_rate_hz, seed=seed)
 
     @classmethod
     def prepare(
@@ -256,25 +269,7 @@ def enhancer_benchmark(avatar: Avatar, batches: Iterable[int] = (1, 4)) -> dict[
             "ms_per_frame_by_batch": timings}
 
 
-class _Closing:
-    """`async with` starts it and closes it, whatever happens inside."""
-
-    async def start(self) -> None:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
-        await self.aclose()
-
-
-class Session(_Closing):
+class Session(Closing):
     """One stream of speech in, frames out, on an avatar. Push from one task, iterate frames from another."""
 
     def __init__(self, avatar: Avatar, speech: SpeechFormat, *, profiler: Profiler | None = None,
@@ -287,10 +282,11 @@ class Session(_Closing):
         height, width = avatar.image.shape[:2]
         self.info = StreamInfo(width, height, preset.video.frame_rate, speech.rate_hz, speech.channels)
         self.profiler = profiler or Profiler()
+        # The speech waits here for its frames; the stages only see its 16 kHz copy.
+        self._speech = SpeechBuffer(FrameClock(preset.video.frame_rate, speech.rate_hz), speech.channels)
         stages: list[Stage] = [
             FeatureChunker(speech, preset.stream.chunk_ms),
-            MotionStage(avatar.motion_model(),
-                        SpeechBuffer(FrameClock(preset.video.frame_rate, speech.rate_hz), speech.channels)),
+            MotionStage(avatar.motion_model()),
             avatar.render_stage(),
             avatar.compose_stage(),
         ]
@@ -307,167 +303,32 @@ class Session(_Closing):
     async def push(self, speech: np.ndarray) -> None:
         """Speech as int16 (samples, channels) at the session's rate; waits while the pipeline is full."""
         await self.start()
+        self._speech.add(np.asarray(speech, np.int16))
         await self._pipeline.put(speech)
 
     async def end(self) -> None:
         """No more speech: the remaining frames come out, then `frames()` ends."""
         await self._pipeline.end()
 
-    def frames(self) -> AsyncIterator[VideoFrame]:
-        return self._pipeline.results()
+    async def frames(self) -> AsyncIterator[VideoFrame]:
+        async for frame in self._pipeline.results():
+            yield self._with_speech(frame)
 
-    def frame_batches(self, max_batch: int = DRAIN_MAX) -> AsyncIterator[list[VideoFrame]]:
+    async def frame_batches(self, max_batch: int = DRAIN_MAX) -> AsyncIterator[list[VideoFrame]]:
         """Finished frames, several at a time when several are ready (cheaper for a sink on another thread)."""
-        return self._pipeline.results(max_batch)
+        async for batch in self._pipeline.results(max_batch):
+            yield [self._with_speech(frame) for frame in batch]
+
+    def _with_speech(self, frame: VideoFrame) -> VideoFrame:
+        return replace(frame, speech=self._speech.take(frame.index))
 
     def interrupt(self) -> None:
         """Barge-in: drop queued speech and frames at once; the face relaxes and the session goes on."""
         self._pipeline.flush()
+        self._speech.clear()
 
     async def aclose(self) -> None:
         await self._pipeline.aclose()
-
-
-class LiveSession(_Closing):
-    """Speech in as it is spoken; video frames and the voice out at their deadlines on one clock, idle frames where
-    nobody speaks. What a WebRTC peer (or any live sink) reads from.
-
-    ```python
-    async with avatar.open_live() as live:
-        live.push(pcm, 16000)                      # int16 mono as it arrives (a microphone, a TTS stream)
-        image, kind = await live.next_video(n)     # at frame n's deadline: "speech", "repeat" or "idle"
-        voice = await live.next_audio(k)           # 20 ms block k at 48 kHz, silence when nobody speaks
-    ```
-    The voice goes out at 48 kHz from the speech as it came in (the renderer gets the same samples and makes its
-    own 16 kHz copy for features). Speech is cut into utterances: `end_utterance()` when a source ends, or
-    automatically when the voice is about to run dry; either pads it with silence to whole frames.
-    """
-
-    VOICE_RATE_HZ = 48000
-    AHEAD_FRAMES = 25     # rendered frames held ahead of the video cursor (1 s at 25 fps): bounded memory
-    TAIL_FRAMES = 2       # silence that ends an utterance: the mouth closes while the voice is quiet
-    # An open utterance whose voice runs out sooner than this is ended (padded): its last frames wait for the
-    # padding's look-ahead and must still make their slots, which takes a render margin. A real-time stream keeps
-    # `latency_ms` of voice ahead (less one chunk), so only a pause or a hiccup longer than that less this ends it.
-    GUARD_MS = LIVE_RENDER_MARGIN_MS
-
-    def __init__(self, avatar: Avatar, *, clock: Clock | None = None, latency_ms: float | None = None,
-                 seed: int = 0) -> None:
-        self.avatar = avatar
-        if latency_ms is None:
-            latency_ms = avatar.live_latency_ms
-        elif latency_ms < avatar.speech_lead_ms:
-            raise InputError(f"a latency of {latency_ms:g} ms is under the {avatar.speech_lead_ms:g} ms of speech "
-                             "this avatar's frames need ahead of them")
-        self.timing = Timing(avatar.preset.video.frame_rate, self.VOICE_RATE_HZ)
-        frame_ms = 1000 / float(self.timing.fps)
-        self._lookahead_frames = math.ceil(avatar.speech_lead_ms / frame_ms - 1 - 1e-9)  # past a frame's own end
-        self.pacer = LivePacer(self.timing, clock, latency_ms=latency_ms)
-        self.session = Session(avatar, output_format(self.VOICE_RATE_HZ, 1), chained=True)
-        self._to_voice: dict[int, Any] = {}   # input rate -> its streaming resampler to the voice rate
-        self._idle = avatar.idle_painter(seed)
-        self._painter = ThreadPoolExecutor(1, thread_name_prefix="talkstream-idle")
-        self._open_samples = 0           # voice samples of the open utterance
-        # The renderer is fed from a queue of its own: the voice is scheduled at once and the senders never wait
-        # behind the renderer's backpressure; frames come back no further ahead than `AHEAD_FRAMES`.
-        self._to_render: asyncio.Queue[np.ndarray] = asyncio.Queue()
-        self._sent_slot = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.received_speech_s = 0.0
-
-    async def start(self) -> None:
-        """Start the renderer. The clock starts when a sender first asks for media (idle video and silence are
-        always ready, so that is the start barrier)."""
-        if not self._tasks:
-            await self.session.start()
-            self._tasks = [asyncio.create_task(self._feed(), name="talkstream-live-feed"),
-                           asyncio.create_task(self._receive(), name="talkstream-live-frames")]
-
-    async def _feed(self) -> None:
-        while True:
-            await self.session.push((await self._to_render.get())[:, None])
-
-    async def _receive(self) -> None:
-        async for frame in self.session.frames():
-            while self.pacer.buffered_frames >= self.AHEAD_FRAMES:
-                self._sent_slot.clear()
-                await self._sent_slot.wait()
-            self.pacer.deliver(frame.image)
-
-    def push(self, speech: np.ndarray, rate_hz: int) -> None:
-        """int16 mono speech at `rate_hz`, as it arrives: scheduled at once, rendered in order."""
-        if not 8000 <= rate_hz <= 192000:
-            raise InputError(f"speech at {rate_hz} Hz: 8000 to 192000 Hz expected")
-        speech = np.asarray(speech, np.int16).reshape(-1)
-        self.received_speech_s += len(speech) / rate_hz
-        voice = self._resampled(speech, rate_hz)
-        if len(voice):
-            self._say(voice)
-
-    def _resampled(self, speech: np.ndarray, rate_hz: int) -> np.ndarray:
-        if rate_hz == self.VOICE_RATE_HZ:
-            return speech
-        import av
-
-        resampler = self._to_voice.setdefault(rate_hz, av.AudioResampler("s16", "mono", self.VOICE_RATE_HZ))
-        frame = av.AudioFrame.from_ndarray(speech[None, :], format="s16", layout="mono")
-        frame.sample_rate = rate_hz
-        parts = [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int16)
-
-    def _say(self, voice: np.ndarray) -> None:
-        self.pacer.speak(voice)
-        self._open_samples += len(voice)
-        self._to_render.put_nowait(voice)
-
-    def end_utterance(self) -> None:
-        """The speech paused or its source ended: pad it with silence to whole frames (and a short tail), and give
-        the renderer the silence its look-ahead needs to let the last frame out (the frames that silence makes are
-        discarded)."""
-        if not self._open_samples:
-            return
-        frame = self.timing.frame_samples
-        self._say(np.zeros(-self._open_samples % frame + self.TAIL_FRAMES * frame, np.int16))
-        self._to_render.put_nowait(np.zeros(self._lookahead_frames * frame, np.int16))
-        self.pacer.end_utterance(self._lookahead_frames)
-        self._open_samples = 0
-
-    def interrupt(self) -> None:
-        """Barge-in: the voice stops at the next block, the face relaxes at the next frame; the clock runs on."""
-        self.pacer.interrupt()
-        while not self._to_render.empty():
-            self._to_render.get_nowait()
-        self.session.interrupt()
-        self._open_samples = 0
-
-    async def next_video(self, slot: int) -> tuple[np.ndarray, str]:
-        """Frame `slot` at its deadline: (image BGR, "speech" | "repeat" | "idle")."""
-        self.pacer.start()
-        await self.pacer.wait_for(self.timing.slot_ns(slot))
-        image, kind = self.pacer.video_at(slot)
-        self._sent_slot.set()
-        if kind == "idle":
-            loop = asyncio.get_running_loop()
-            image = await loop.run_in_executor(self._painter, self._idle, slot, self.timing.slot_ns(slot) / 1e9)
-            self.pacer.shown(image)
-        return image, kind
-
-    async def next_audio(self, block: int) -> np.ndarray:
-        """Voice block `block` (int16 mono, 20 ms at 48 kHz) at its deadline; never waits for the renderer."""
-        offset = self.timing.block_ns(block)
-        self.pacer.start()
-        await self.pacer.wait_for(offset)
-        ends = self.pacer.open_voice_ends_ns
-        if ends is not None and ends - offset < self.GUARD_MS * 1_000_000:
-            self.end_utterance()
-        return self.pacer.audio_at(block)
-
-    async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.session.aclose()
-        self._painter.shutdown(wait=False, cancel_futures=True)
 
 
 async def render(

@@ -44,7 +44,7 @@ ENCODER_PLANNED_FPS = 25
 KEYFRAME_INTERVAL_S = 10   # a receiver that missed a keyframe request recovers within this
 
 if TYPE_CHECKING:
-    from stages.session import LiveSession
+    from stages.live import LiveSession
 
 
 

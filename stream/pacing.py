@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from stream.clock import MS_PER_S, FrameClock, ns_of_ms, ns_of_samples, samples_of_ns, seconds_of_ns
+
 
 class Clock(Protocol):
     """Monotonic nanoseconds, and a way to wait until one of them (tests pass a fake)."""
@@ -38,7 +40,7 @@ class MonotonicClock:
     async def sleep_until(self, deadline_ns: int) -> None:
         delay = deadline_ns - time.monotonic_ns()
         if delay > 0:
-            await asyncio.sleep(delay / 1e9)
+            await asyncio.sleep(seconds_of_ns(delay))
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +48,8 @@ class Timing:
     """The media grid of a live session: video frame slots, audio blocks, the voice's sample rate."""
 
     fps: Fraction
-    rate_hz: int = 48000          # the voice as sent: Opus' own rate, no resampling in the transport
-    block_samples: int = 960      # 20 ms audio frames
+    rate_hz: int                  # the voice as sent
+    block_ms: int = 20            # audio frames: what a WebRTC packet carries
 
     def __post_init__(self) -> None:
         if (self.rate_hz / self.fps).denominator != 1:
@@ -58,15 +60,20 @@ class Timing:
         """Voice samples per video frame (1920 at 48 kHz and 25 fps)."""
         return int(self.rate_hz / self.fps)
 
+    @property
+    def block_samples(self) -> int:
+        """Voice samples per audio block (960 in 20 ms at 48 kHz)."""
+        return FrameClock(Fraction(MS_PER_S, self.block_ms), self.rate_hz).start(1)
+
     def slot_ns(self, slot: int) -> int:
-        return slot * self.frame_samples * 1_000_000_000 // self.rate_hz
+        return ns_of_samples(slot * self.frame_samples, self.rate_hz)
 
     def block_ns(self, block: int) -> int:
-        return block * self.block_samples * 1_000_000_000 // self.rate_hz
+        return ns_of_samples(block * self.block_samples, self.rate_hz)
 
     def first_slot_from(self, offset_ns: int) -> int:
         """The first slot that starts at or after media time `offset_ns`."""
-        return -(-max(0, offset_ns) * self.rate_hz // (self.frame_samples * 1_000_000_000))
+        return -(-samples_of_ns(max(0, offset_ns), self.rate_hz) // self.frame_samples)
 
 
 @dataclass(slots=True)
@@ -79,7 +86,6 @@ class _ScheduledUtterance:
     voice: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
     played: int = 0                   # voice samples before `voice[0]` that were already sent and let go
     ended: bool = False
-    extra: int = 0                    # frames the renderer makes past its end (look-ahead silence): discarded
     frames: dict[int, Any] = field(default_factory=dict)   # slot -> frame, as they come
     delivered: int = 0
 
@@ -117,16 +123,14 @@ class LivePacer:
                  reanchor_ms: float = 300.0) -> None:
         self.timing = timing
         self.clock = clock or MonotonicClock()
-        self.latency_ns = int(latency_ms * 1e6)
-        self.reanchor_ns = int(reanchor_ms * 1e6)
+        self.latency_ns = ns_of_ms(latency_ms)
+        self.reanchor_ns = ns_of_ms(reanchor_ms)
         self.origin_ns: int | None = None
         self.stats = PacingStats()
         self._utterances: deque[_ScheduledUtterance] = deque()
         self._next_slot = 0           # the first video slot not sent yet
         self._next_sample = 0         # the first voice sample not sent yet
-        # Frames still to come for utterances already let go, in order: [count, late] runs. Late frames are dropped
-        # (and counted); the look-ahead's extra frames are discarded.
-        self._owed: deque[list[Any]] = deque()
+        self._late_frames = 0         # frames still to come for utterances already let go: dropped
         self._last_frame: Any = None
 
     # ------------------------------------------------------------------------------------------------ the clock
@@ -168,15 +172,13 @@ class LivePacer:
         if len(voice):
             current.voice = np.concatenate([current.voice, np.asarray(voice, np.int16).reshape(-1)])
 
-    def end_utterance(self, extra_frames: int = 0) -> None:
-        """The open utterance gets no more speech (its voice must be whole frames long). `extra_frames`: frames the
-        renderer will deliver after its last one (made from the silence its look-ahead needed), to be discarded."""
+    def end_utterance(self) -> None:
+        """The open utterance gets no more speech (its voice must be whole frames long)."""
         if self._utterances and not self._utterances[-1].ended:
             current = self._utterances[-1]
             if current.samples % self.timing.frame_samples:
                 raise ValueError("an utterance must end on a frame boundary: pad its speech to whole frames")
             current.ended = True
-            current.extra = extra_frames
 
     @property
     def open_voice_ends_ns(self) -> int | None:
@@ -184,7 +186,7 @@ class LivePacer:
         or extend it before then."""
         if not self._utterances or self._utterances[-1].ended:
             return None
-        return self._utterances[-1].end_sample * 1_000_000_000 // self.timing.rate_hz
+        return ns_of_samples(self._utterances[-1].end_sample, self.timing.rate_hz)
 
     def _frames(self, utterance: _ScheduledUtterance) -> int:
         return utterance.samples // self.timing.frame_samples
@@ -199,21 +201,15 @@ class LivePacer:
 
     def deliver(self, frame: Any) -> None:
         """The next rendered frame of the speech, in order. One whose slot has been sent is dropped."""
-        if self._owed:
-            run = self._owed[0]
-            run[0] -= 1
-            if run[1]:
-                self.stats.dropped_frames += 1
-            if not run[0]:
-                self._owed.popleft()
+        if self._late_frames:
+            self._late_frames -= 1
+            self.stats.dropped_frames += 1
             return
-        utterance = next((u for u in self._utterances if u.delivered < self._frames(u) + u.extra), None)
+        utterance = next((u for u in self._utterances if u.delivered < self._frames(u)), None)
         if utterance is None:
             return  # a frame of no known speech: the caller interrupted, or did not announce its speech
         slot = utterance.first_slot + utterance.delivered
         utterance.delivered += 1
-        if utterance.delivered > self._frames(utterance):
-            return  # one of its look-ahead's extra frames
         if self.origin_ns is not None:
             slack = self.deadline_ns(self.timing.slot_ns(slot)) - self.clock.now_ns()
             least = self.stats.least_slack_ns
@@ -227,7 +223,7 @@ class LivePacer:
         """Barge-in: every utterance ends now; what was said and rendered for them is forgotten. The caller flushes
         the renderer too (its frames in flight are never delivered)."""
         self._utterances.clear()
-        self._owed.clear()
+        self._late_frames = 0
 
     @property
     def buffered_frames(self) -> int:
@@ -292,7 +288,5 @@ class LivePacer:
             frames = self._frames(first)
             if not first.ended or first.first_slot + frames > self._next_slot or first.end_sample > self._next_sample:
                 return
-            late = max(0, frames - first.delivered)
-            extra = first.extra - max(0, first.delivered - frames)
-            self._owed.extend([count, dropped] for count, dropped in ((late, True), (extra, False)) if count)
+            self._late_frames += frames - first.delivered
             self._utterances.popleft()

@@ -315,6 +315,13 @@ def live_example(command: str, work: Path, env: dict[str, str]) -> None:
     _assert_video(work / "live.mp4", 11.0)
 
 
+def continuous_example(command: str, work: Path, env: dict[str, str]) -> None:
+    _run(command, work, env)
+    samples, rate = _example_speech()
+    speech_frames = -(-samples.size * FPS // rate) + 2     # and the two frames of the tail that closes the mouth
+    _assert_video(work / "continuous.mp4", 2 + speech_frames / FPS)   # a second of idle on each side
+
+
 def pipe_example(command: str, work: Path, env: dict[str, str]) -> None:
     _needs("ffmpeg")
     _run(command, work, env)
@@ -350,6 +357,7 @@ RUNS: dict[str, Check] = {
     'talkstream serve --host 0.0.0.0 --port 8080 --token "$(openssl rand -hex 16)" --preset balanced':
         serves(token=True),
     "python examples/live_session.py": live_example,
+    "python examples/continuous_session.py": continuous_example,
     "pip install -e '.[enhance]'": pip_installs,
     "talkstream render face.jpg speech.wav --enhancer gfpgan --checkpoints ~/SadTalker -o restored.mp4":
         needs_extra("gfpgan", renders("restored.mp4", SPEECH_S)),

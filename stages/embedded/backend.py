@@ -85,7 +85,7 @@ class EmbeddedBackend:
 
         def paint(index: int, time_s: float) -> np.ndarray:
             pose = motion.at(index, time_s)
-            crop = FaceCrop(index, self.renderer.render(pose), np.zeros((0, 1), np.int16),
+            crop = FaceCrop(index, self.renderer.render(pose),
                             None if landmarks is None else landmarks(pose))
             return compose.compose_batch([crop])[0].image
 
