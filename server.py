@@ -53,6 +53,7 @@ EXAMPLES = {"astronaut": SERVER_FILE.parent / "examples" / "astronaut.png"}
 PAGE_DIR = SERVER_FILE.parent / "stages" / "page"   # the page's HTML, script, style and icon
 MAX_SIDE_PX = 720    # live video stays within 720p: encoders keep up, and H.264's advertised level 3.1 holds
 TOKEN_VARIABLE = "TALKSTREAM_TOKEN"
+PCM_DEFAULT_RATE_HZ = 16000   # the speech websocket's rate when `?rate=` is not given: a microphone's
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +274,7 @@ async def audio_socket(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
     session = server.get(request.match_info["id"])
     try:
-        rate = int(request.query.get("rate", "16000"))
+        rate = int(request.query.get("rate", PCM_DEFAULT_RATE_HZ))
     except ValueError:
         rate = 0
     if rate not in LIVE_RATES_HZ:

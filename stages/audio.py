@@ -18,7 +18,7 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-from stream.clock import resampled_length
+from stream.clock import resampled_length, samples_of_ms
 from stream.errors import InputError
 from stream.frames import AudioChunk
 from stream.pipeline import Stage
@@ -26,7 +26,8 @@ from stream.pipeline import Stage
 FEATURE_RATE_HZ = 16000
 # Sample rates AAC carries; speech at another rate goes out at 48 kHz.
 AAC_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
-FALLBACK_RATE_HZ = 48000
+OPUS_RATE_HZ = 48000   # the one rate Opus codes at: WebM files and the live voice
+FALLBACK_RATE_HZ = OPUS_RATE_HZ
 _WAVE_FORMAT_PCM, _WAVE_FORMAT_FLOAT, _WAVE_FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
 _LIVE_READ_MS = 20
 _MAX_HOPS = 50  # a chunk from a file holds at most a second of hops: bounded memory and steady flow
@@ -162,7 +163,7 @@ class AudioReader:
         yield speech
         sample_bytes = _PCM_BYTES[codec]
         frame_bytes = sample_bytes * channels
-        read_bytes = max(frame_bytes, rate_hz * _LIVE_READ_MS // 1000 * frame_bytes)
+        read_bytes = max(frame_bytes, samples_of_ms(_LIVE_READ_MS, rate_hz) * frame_bytes)
         resample = None if speech.rate_hz == rate_hz else av.AudioResampler("s16", layout_of(speech.channels),
                                                                              speech.rate_hz)
         read1 = getattr(stream, "read1", stream.read)
@@ -333,7 +334,7 @@ class FeatureChunker(Stage):
     def __init__(self, speech: SpeechFormat, chunk_ms: int) -> None:
         super().__init__()
         self.speech = speech
-        self._hop = FEATURE_RATE_HZ * chunk_ms // 1000
+        self._hop = samples_of_ms(chunk_ms, FEATURE_RATE_HZ)
         self._reset()
 
     def _reset(self) -> None:

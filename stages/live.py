@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import av
 import numpy as np
 
-from stages.audio import FEATURE_RATE_HZ, FeatureCopy, joined_samples
+from stages.audio import FEATURE_RATE_HZ, OPUS_RATE_HZ, FeatureCopy, joined_samples
 from stages.motion import MotionModel, MotionStage
 from stream.clock import FrameClock, ms_of_ns, ns_of_ms, seconds_of_frames, seconds_of_ms, seconds_of_ns
 from stream.errors import InputError
@@ -36,7 +36,7 @@ from stream.profile import Profiler
 
 LIVE_RENDER_MARGIN_MS = 40   # a live frame's rendering and its hops between stages, with a busy second core
 LIVE_RATES_HZ = (16000, 24000, 48000)  # raw live PCM's rates: a 16 kHz microphone, 24 kHz TTS, Opus' 48 kHz
-VOICE_RATE_HZ = 48000        # the paced voice: Opus' own rate, so the WebRTC sink never resamples
+VOICE_RATE_HZ = OPUS_RATE_HZ  # the paced voice: Opus' own rate, so the WebRTC sink never resamples
 SEGMENT_GAP_MS = 100         # an unpaced reader's wait for more of a segment nobody ended, before ending it
 SPEECH_RATES_HZ = range(8000, 192001)
 
@@ -127,6 +127,7 @@ class ContinuousSession(Closing):
         self._fed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting: asyncio.Future[tuple[int, LiveFrame]] | None = None
+        self._cleared: asyncio.Future[None] | None = None   # done by the next `clear()`
         self._rendered = self._speech_frames()
         self._next_index = 0
         self._reset()
@@ -229,6 +230,9 @@ class ContinuousSession(Closing):
         self.generation += 1
         self._pipeline.flush()
         self._reset()
+        if self._cleared is not None and not self._cleared.done():
+            self._cleared.set_result(None)
+        self._cleared = None
 
     async def _feed(self) -> None:
         """The 16 kHz copy into the pipeline, a hop at a time, as its bounded queues take it."""
@@ -260,23 +264,30 @@ class ContinuousSession(Closing):
             if shown:
                 yield self.generation, LiveFrame(-1, frame.image, voice, "speech", ends)
 
-    async def next_speech_frame(self) -> LiveFrame:
-        """The next speech frame, as soon as it is rendered; one read before a `clear()` is never returned after it.
-        A segment the speaker leaves open and starved for `gap_ms` is ended here, so its last frames come out."""
+    async def next_speech_frame(self) -> LiveFrame | None:
+        """The next speech frame, as soon as it is rendered; None if `clear()` comes first (a frame read before a
+        clear is never returned after it). A segment the speaker leaves open and starved for `gap_ms` is ended
+        here, so its last frames come out."""
+        if self._cleared is None:
+            self._cleared = asyncio.get_running_loop().create_future()
+        cleared = self._cleared
         while True:
             if self._waiting is None:
                 self._waiting = asyncio.ensure_future(anext(self._rendered))
             waiting = self._waiting
             gap = self.gap_ms if self._starved else None
-            done, _ = await asyncio.wait({waiting}, timeout=None if gap is None else seconds_of_ms(gap))
-            if not done:
-                if self._starved:
-                    self.end_segment()
-                continue
-            self._waiting = None
-            generation, frame = waiting.result()
-            if generation == self.generation:
-                return frame
+            either: set[asyncio.Future[Any]] = {waiting, cleared}
+            done, _ = await asyncio.wait(either, timeout=None if gap is None else seconds_of_ms(gap),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiting in done:
+                self._waiting = None
+                generation, frame = waiting.result()
+                if generation == self.generation:
+                    return frame
+            elif cleared in done:
+                return None
+            elif self._starved:
+                self.end_segment()
 
     @property
     def _starved(self) -> bool:
@@ -294,8 +305,7 @@ class ContinuousSession(Closing):
         nobody speaks."""
         index = self._next_index
         self._next_index += 1
-        if self.speaking:
-            frame = await self.next_speech_frame()
+        if self.speaking and (frame := await self.next_speech_frame()) is not None:
             return LiveFrame(index, frame.image, frame.voice, frame.kind, frame.ends_segment)
         image = await self.idle_frame(index, seconds_of_frames(index, self.fps))
         silence = np.zeros(self.voice_frames.start(index + 1) - self.voice_frames.start(index), np.int16)
@@ -379,7 +389,8 @@ class LiveSession(Closing):
     async def _receive(self) -> None:
         """Speech frames to the pacer as they finish, no more than `AHEAD_FRAMES` ahead of the video cursor."""
         while True:
-            frame = await self.stream.next_speech_frame()
+            if (frame := await self.stream.next_speech_frame()) is None:
+                continue
             generation = self.stream.generation
             while self.pacer.buffered_frames >= self.AHEAD_FRAMES:
                 self._sent_slot.clear()

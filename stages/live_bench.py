@@ -26,6 +26,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 
 from stages.webrtc import restrict_ice_to
+from stream.clock import ms_of_seconds
 from stream.errors import TalkstreamError
 
 ROOT = Path(__file__).resolve().parent.parent   # where `python -m stream.cli` runs, and the examples are
@@ -116,14 +117,14 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
     report = {
         "sessions": sessions, "preset": preset, "codec": codec, "server_cpu": server_cpu,
         "seconds": round(elapsed, 2),
-        "server_cpu_ms_per_session_frame": round((cpu_after - cpu_before) * 1000 / max(1, frames), 2),
+        "server_cpu_ms_per_session_frame": round(ms_of_seconds(cpu_after - cpu_before) / max(1, frames), 2),
         "server_cpu_cores": round((cpu_after - cpu_before) / elapsed, 2),
         "peers_cpu_cores": round(peers_cpu / elapsed, 2),   # the receivers share this machine
-        "speakers_latest_chunk_ms": round(max(late for _, _, late in spoken) * 1000, 1),  # the speech's own lag
+        "speakers_latest_chunk_ms": round(ms_of_seconds(max(late for _, _, late in spoken)), 1),  # the speech's own lag
         "frames_sent": sent, "received_fps": [round(result["fps"], 1) for result in results],
-        "speech_to_frame_sent_ms": [round(server_latency.get(session_id, 0.0) * 1000, 1)
+        "speech_to_frame_sent_ms": [round(ms_of_seconds(server_latency.get(session_id, 0.0)), 1)
                                     for session_id, _ in peers],
-        "least_frame_slack_ms": [round(slack.get(session_id, 0.0) * 1000, 1) for session_id, _ in peers],
+        "least_frame_slack_ms": [round(ms_of_seconds(slack.get(session_id, 0.0)), 1) for session_id, _ in peers],
         "packets_lost": [int(lost.get(session_id, 0)) for session_id, _ in peers],
         "speech_to_frame_received_ms": [result["frame_latency_ms"] for result in results],
         "voice_latency_ms": [result["voice_latency_ms"] for result in results],
@@ -235,22 +236,23 @@ def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: b
     if not (len(voiced) and len(spoken) and video):
         return result
     onset_sent = recording.first_sent + spoken[0] / rate   # when the first loud sample went out
-    result["voice_latency_ms"] = round((audio[voiced[0]][0] - onset_sent) * 1000, 1)
+    result["voice_latency_ms"] = round(ms_of_seconds(audio[voiced[0]][0] - onset_sent), 1)
     # Both tracks start at media time 0: the frame whose slot holds the voice's onset shows it.
     video_s = np.array([_since(frame, video[0][1], frame.time_base) for _, frame in video])
     voice_s = _since(audio[voiced[0]][1], audio[0][1], audio[0][1].time_base)
     onset_frame = np.flatnonzero(video_s <= voice_s)
     if len(onset_frame):
-        result["frame_latency_ms"] = round((video[onset_frame[-1]][0] - onset_sent) * 1000, 1)
+        result["frame_latency_ms"] = round(ms_of_seconds(video[onset_frame[-1]][0] - onset_sent), 1)
     if measure:
         aperture = _apertures([frame.to_ndarray(format="bgr24") for _, frame in video])
         opened = np.flatnonzero((aperture > 0.08) & (video_s > voice_s - 0.5))
         if len(opened):
-            result["mouth_onset_after_voice_ms"] = round((video_s[opened[0]] - voice_s) * 1000, 1)
+            result["mouth_onset_after_voice_ms"] = round(ms_of_seconds(video_s[opened[0]] - voice_s), 1)
         if recording.interrupted is not None:
             closed = np.flatnonzero((arrivals > recording.interrupted) & (aperture < 0.05))
             if len(closed):
-                result["interrupt_to_closed_mouth_ms"] = round((arrivals[closed[0]] - recording.interrupted) * 1000, 1)
+                closing_s = arrivals[closed[0]] - recording.interrupted
+                result["interrupt_to_closed_mouth_ms"] = round(ms_of_seconds(closing_s), 1)
     return result
 
 

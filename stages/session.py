@@ -51,7 +51,7 @@ from stages.motion import MotionModel, MotionStage
 from stages.portrait import DlibDetector, Portrait, prepare_portrait
 from stages.render import RenderStage
 from stages.sinks import Sink, check_writable, open_sink
-from stream.clock import FrameClock
+from stream.clock import FrameClock, ms_of_seconds
 from stream.errors import InputError, PresetError
 from stream.frames import SpeechBuffer, StreamInfo, VideoFrame
 from stream.pacing import Clock
@@ -260,7 +260,7 @@ def enhancer_benchmark(avatar: Avatar, batches: Iterable[int] = (1, 4)) -> dict[
             frames = [avatar.image.copy() for _ in range(batch)]
             started = time.perf_counter()
             enhancer.enhance_batch(frames, [landmarks] * batch)
-            per_frame.append((time.perf_counter() - started) * 1000 / batch)
+            per_frame.append(ms_of_seconds(time.perf_counter() - started) / batch)
         timings[batch] = statistics.median(per_frame[1:])
     restorer = avatar.restorer
     return {"enhancer": avatar.enhancer, "roi_px": [x1 - x0, y1 - y0],

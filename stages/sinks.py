@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
-from stages.audio import layout_of
+from stages.audio import OPUS_RATE_HZ, layout_of
 from stream.errors import OutputError
 from stream.frames import StreamInfo, VideoFrame
 from stream.presets import EncodeSettings
@@ -141,7 +141,7 @@ def _vp9_opus(encode: EncodeSettings) -> _Codecs:
     return _Codecs("libvpx-vp9", "yuv420p", "libopus",
                    {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0",
                     "crf": str(round(encode.crf * 63 / 51)), "b": "0", "g": str(encode.gop_frames)},
-                   audio_bitrate=encode.audio_bitrate_kbps * 1000, audio_rate_hz=48000)
+                   audio_bitrate=encode.audio_bitrate_kbps * 1000, audio_rate_hz=OPUS_RATE_HZ)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from stream.clock import ms_of_seconds, samples_of_ms, seconds_of_ms
 from stream.profile import Profiler
 
 
@@ -49,7 +50,7 @@ class Backend:
 
 async def first_frame_latency_s(session: Any, speech: Any, rate_hz: int, chunk_ms: int = 20) -> float:
     """Chunks pushed at the pace they would be spoken: seconds from the first chunk to the first frame out."""
-    step = rate_hz * chunk_ms // 1000
+    step = samples_of_ms(chunk_ms, rate_hz)
     first_frame = asyncio.get_running_loop().create_future()
     async with session:
         async def speak() -> None:
@@ -58,7 +59,7 @@ async def first_frame_latency_s(session: Any, speech: Any, rate_hz: int, chunk_m
                 await session.push(speech[offset: offset + step])
                 if first_frame.done():
                     break
-                await asyncio.sleep(max(0.0, started + (index + 1) * chunk_ms / 1000 - time.perf_counter()))
+                await asyncio.sleep(max(0.0, started + seconds_of_ms((index + 1) * chunk_ms) - time.perf_counter()))
             await session.end()
 
         async def watch() -> None:
@@ -92,7 +93,7 @@ def bench_preset(backend: Backend, preset: str, workloads: list[Workload], runs:
             "frames": median.frames,
             "fps": statistics.median(fps),
             "fps_runs": fps,
-            "cpu_ms_per_frame": statistics.median(run.cpu_s / run.frames * 1000 for run in measured),
+            "cpu_ms_per_frame": statistics.median(ms_of_seconds(run.cpu_s) / run.frames for run in measured),
             "real_time_factor": statistics.median(run.wall_s / workload.seconds for run in measured),
             "stages": median.profiler.summary(median.frames),
         }
@@ -104,8 +105,8 @@ def bench_preset(backend: Backend, preset: str, workloads: list[Workload], runs:
                                           backend.speech_rate_hz))
         for _ in range(max(3, runs))
     ]
-    results["first_frame_latency_ms"] = statistics.median(latencies) * 1000
-    results["first_frame_latency_ms_runs"] = [value * 1000 for value in latencies]
+    results["first_frame_latency_ms"] = ms_of_seconds(statistics.median(latencies))
+    results["first_frame_latency_ms_runs"] = [ms_of_seconds(value) for value in latencies]
     log(f"{preset:<11} streaming first-frame latency {results['first_frame_latency_ms']:.1f} ms "
         "(20 ms chunks in real time)")
     return results

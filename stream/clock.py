@@ -39,6 +39,10 @@ def seconds_of_frames(frames: int, fps: Fraction) -> float:
     return float(frames / fps)
 
 
+def samples_of_ms(ms: float, rate_hz: int) -> int:
+    return round(ms * rate_hz / MS_PER_S)
+
+
 def ns_of_samples(samples: int, rate_hz: int) -> int:
     """Where sample `samples` starts, in ns (floor: exact for whole samples per ms)."""
     return samples * NS_PER_S // rate_hz
@@ -74,4 +78,4 @@ class FrameClock:
         return math.ceil(samples * self.fps / self.rate_hz)
 
     def samples_of_ms(self, ms: float) -> int:
-        return round(ms * self.rate_hz / MS_PER_S)
+        return samples_of_ms(ms, self.rate_hz)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from stream.clock import seconds_of_ms
 from stream.frames import EndOfStream
 from stream.profile import Profiler, StageTimes
 
@@ -92,7 +93,7 @@ class Inbox:
             if isinstance(first := await self.get(), EndOfStream):
                 return
             batch = [first]
-            deadline = loop.time() + (max_wait_ms / 1000 if behind else 0.0)
+            deadline = loop.time() + (seconds_of_ms(max_wait_ms) if behind else 0.0)
             while len(batch) < max_batch:
                 item = self.get_nowait()
                 if item is None:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from stream.clock import ms_of_ns
+
 T = TypeVar("T")
 
 
@@ -68,11 +70,11 @@ class Profiler:
         return [
             {
                 "stage": stage.name,
-                "ms_per_frame": stage.busy_ns / frames / 1e6,
-                "cpu_ms_per_frame": stage.cpu_ns / frames / 1e6,
+                "ms_per_frame": ms_of_ns(stage.busy_ns) / frames,
+                "cpu_ms_per_frame": ms_of_ns(stage.cpu_ns) / frames,
                 "items": stage.items,
-                "queue_wait_ms": stage.wait_ns / 1e6,
-                "blocked_ms": stage.blocked_ns / 1e6,
+                "queue_wait_ms": ms_of_ns(stage.wait_ns),
+                "blocked_ms": ms_of_ns(stage.blocked_ns),
                 "share": stage.busy_ns / total,
             }
             for stage in self.stages

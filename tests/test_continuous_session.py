@@ -129,6 +129,19 @@ async def test_clear_drops_queued_speech_at_once_and_the_next_speech_comes_whole
     assert np.array_equal(np.concatenate([frame.voice for frame in frames[:-1]]), again)
 
 
+async def test_a_clear_wakes_a_reader_waiting_for_speech_with_an_idle_frame(avatar: Avatar,
+                                                                           speech: np.ndarray) -> None:
+    async with ContinuousSession(avatar, gap_ms=None) as stream:   # an open segment waits for more speech forever
+        stream.push(speech[:8000], 16000)
+        spoken = await read(stream, 8000 // 640)                    # what the 20 ms look-ahead lets out
+        waiting = asyncio.ensure_future(stream.next_frame())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        stream.clear()
+        frame = await asyncio.wait_for(waiting, timeout=5)
+    assert kinds(spoken) == "s" * len(spoken) and frame.kind == "idle" and not frame.voice.any()
+
+
 async def test_a_segment_nobody_ends_is_ended_when_its_speech_runs_dry(avatar: Avatar, speech: np.ndarray) -> None:
     async with avatar.open_continuous(voice_rate_hz=16000) as stream:
         stream.push(speech[:8000], 16000)    # 0.5 s, and then nothing: a source that stalled without saying so

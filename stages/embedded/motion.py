@@ -14,8 +14,9 @@ from fractions import Fraction
 
 import numpy as np
 
+from stages.audio import FEATURE_RATE_HZ
 from stages.embedded.visemes import HopTargets, SpeakerNormaliser, SpectralAnalyser
-from stream.clock import FrameClock
+from stream.clock import FrameClock, seconds_of_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +136,8 @@ class EmbeddedMotion:
     BLOCK_HOPS = 256       # a long push is worked through in blocks of this many hops: bounded memory
     REST_APERTURE = 0.005  # below this a relaxing mouth counts as at rest
 
-    def __init__(self, *, fps: Fraction | int, sample_rate_hz: int = 16000, hop_ms: int = 20, lookahead_ms: int = 40,
-                 seed: int = 0, still: bool = False) -> None:
+    def __init__(self, *, fps: Fraction | int, sample_rate_hz: int = FEATURE_RATE_HZ, hop_ms: int = 20,
+                 lookahead_ms: int = 40, seed: int = 0, still: bool = False) -> None:
         self.clock = FrameClock(Fraction(fps), sample_rate_hz)
         self.hop = self.clock.samples_of_ms(hop_ms)
         self.window = self.clock.samples_of_ms(self.WINDOW_MS)
@@ -144,7 +145,7 @@ class EmbeddedMotion:
         if self.lookahead < self.window // 2:
             raise ValueError(f"lookahead_ms={lookahead_ms} is under half the {self.WINDOW_MS} ms analysis window")
         self.still = still
-        self.frame_s = self.clock.frame_ms / 1000.0
+        self.frame_s = seconds_of_ms(self.clock.frame_ms)
         self.analyser = SpectralAnalyser(sample_rate_hz=sample_rate_hz, window=self.window, lpc_order=self.LPC_ORDER)
         self.normaliser = SpeakerNormaliser()
         rng = np.random.default_rng(seed)

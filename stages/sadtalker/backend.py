@@ -15,6 +15,7 @@ from stages.portrait import DlibDetector, Portrait
 from stages.render import RenderStage
 from stages.sadtalker.crop import CROP_MODES
 from stages.sadtalker.mel import MEL_LEAD_MS
+from stream.clock import ms_of_seconds, seconds_of_frames
 from stream.errors import InputError
 from stream.presets import Preset
 
@@ -89,7 +90,7 @@ class SadTalkerBackend:
             raise InputError("SadTalker's offline motion waits for the end of each utterance: a live session needs a "
                              "streaming preset (ultra_fast, fast or balanced)")
         future = settings.mapping_future_frames + settings.pose_lookahead_frames + settings.pose_lag_frames
-        return future * 1000 / float(preset.video.frame_rate) + MEL_LEAD_MS
+        return ms_of_seconds(seconds_of_frames(future, preset.video.frame_rate)) + MEL_LEAD_MS
 
     @classmethod
     def checkpoint_folder(cls, settings: SadTalkerSettings) -> str | None:

@@ -12,9 +12,11 @@ import numpy as np
 
 from stages.audio import FEATURE_RATE_HZ
 
+SADTALKER_FPS = 25       # the backend's fixed frame rate
 SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps: the backend's fixed frame
 MEL_FFT = 800  # 50 ms window
 MEL_HOP = 200  # 12.5 ms: 80 mel columns a second
+MEL_COLUMNS_PER_S = FEATURE_RATE_HZ // MEL_HOP
 MEL_BANDS = 80
 MEL_FMIN_HZ, MEL_FMAX_HZ = 55.0, 7600.0
 MEL_WINDOW_STEPS = 16  # mel columns seen by one video frame
@@ -98,6 +100,12 @@ def sadtalker_mel(wav16k: np.ndarray) -> np.ndarray:
     return _mel_columns(padded, 1 + len(kept) // MEL_HOP)
 
 
+def first_columns(frames: np.ndarray | int) -> np.ndarray:
+    """The first mel column each video frame sees: int(80 (i - 2) / 25), truncated toward zero (upstream's int())."""
+    numerator = MEL_COLUMNS_PER_S * (np.asarray(frames) - 2)
+    return np.sign(numerator) * (np.abs(numerator) // SADTALKER_FPS)
+
+
 def mel_windows(mel: np.ndarray, first_frame: int, count: int, first_column: int = 0) -> np.ndarray:
     """The 16-column window of each video frame `first_frame` ... `first_frame + count - 1`: (count, 1, 80, 16) float32.
 
@@ -106,9 +114,7 @@ def mel_windows(mel: np.ndarray, first_frame: int, count: int, first_column: int
     depends on the last column), so a streaming caller takes windows of the last frames only after `MelStream.end()`.
     A stream that forgets old columns passes the rest as `mel` and the index of its first one as `first_column`.
     """
-    frames = np.arange(first_frame, first_frame + count)
-    numerator = 80 * (frames - 2)  # mel columns a second x frames / (25 frames a second)
-    starts = np.sign(numerator) * (np.abs(numerator) // 25)
+    starts = first_columns(np.arange(first_frame, first_frame + count))
     columns = np.clip(starts[:, None] + np.arange(MEL_WINDOW_STEPS), 0, first_column + mel.shape[1] - 1)
     if count and columns.min() < first_column:
         raise ValueError(f"column {columns.min()} was forgotten (the mel kept starts at {first_column})")

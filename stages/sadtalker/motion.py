@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from stages.nets.mapping import keypoint_transformation
-from stages.sadtalker.mel import SAMPLES_PER_FRAME, MelStream, mel_windows, sadtalker_mel
+from stages.sadtalker.mel import (
+    MEL_WINDOW_STEPS,
+    SAMPLES_PER_FRAME,
+    MelStream,
+    first_columns,
+    mel_windows,
+    sadtalker_mel,
+)
 
 POSE_CHUNK = 32                  # audio2pose's sequence length
 MAPPING_RADIUS = 13              # MappingNet sees frames t-13 .. t+13
@@ -296,7 +303,7 @@ class _UtteranceMotion:
         ratios = (blink_ratios(start, ready - start, self.settings.seed) if self.settings.blink
                   else np.zeros((ready - start, 1), np.float32))
         self.exp.append(self.networks.expressions(windows, ratios))
-        self.mel.forget_before(max(0, int(80 * (ready - 2) / 25)))
+        self.mel.forget_before(max(0, int(first_columns(ready))))
         if not self.settings.still and ready > max(start, 1):
             self.embeddings.append(self.networks.pose_embeddings(windows[max(start, 1) - start:]))
 
@@ -306,7 +313,7 @@ class _UtteranceMotion:
             return self.total or 0
         whole = self.samples // SAMPLES_PER_FRAME
         frame = self.exp.stop
-        while frame < whole and int(80 * (frame - 2) / 25) + 15 < self.mel.stop:
+        while frame < whole and int(first_columns(frame)) + MEL_WINDOW_STEPS - 1 < self.mel.stop:
             frame += 1
         return frame
 

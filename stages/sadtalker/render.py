@@ -25,6 +25,7 @@ from stages.sadtalker.motion import (
     SadTalkerMotion,
     SourceMotion,
 )
+from stream.clock import ms_of_seconds
 from stream.device import Placement, batch_for_memory, free_memory_bytes, map_in_batches
 
 
@@ -219,5 +220,5 @@ def renderer_speed(renderer: FacevidRenderer, frames: int) -> dict[str, Any]:
         synchronise()
     uncached = (time.perf_counter() - started) / frames
     return {"size": renderer.size, "device": renderer.placement.device, "precision": renderer.placement.precision,
-            "batch": batch, "frames": frames, "cached_ms_per_frame": cached * 1000,
-            "uncached_ms_per_frame": uncached * 1000, "speedup": uncached / cached}
+            "batch": batch, "frames": frames, "cached_ms_per_frame": ms_of_seconds(cached),
+            "uncached_ms_per_frame": ms_of_seconds(uncached), "speedup": uncached / cached}
