@@ -17,6 +17,7 @@ UPPER_INNER_CHAIN = (60, 61, 62, 63, 64)
 LOWER_INNER_CHAIN = (60, 67, 66, 65, 64)
 TEETH_SHOW_IOD = (0.03, 0.08)  # drawn openings over which the painted teeth fade in
 SEAM_CLEAR_IOD = 0.04  # how far either side of the closed lips' seam nothing may look like teeth
+COLOURLESS_CHROMA = 4.0  # mean channel spread (levels) under which a mouth counts as greyscale
 
 
 class MouthPalette:
@@ -29,6 +30,9 @@ class MouthPalette:
         lower = curve @ points[list(LOWER_INNER_CHAIN)]
         self._lip = _lip_colour(crop, points)
         self._lip_luma = _luma(self._lip)
+        # A portrait without colour (greyscale, or nearly): lips and teeth differ only in brightness, and nothing
+        # painted may bring a tint of its own.
+        self._colourless = _chroma(crop, points) < COLOURLESS_CHROMA
         # Teeth: columns across the portrait's opening, sampled in the middle of the gap, away from the lips' edges.
         samples = 24
         along = np.linspace(0.0, 1.0, samples)
@@ -46,18 +50,24 @@ class MouthPalette:
             nearest = indices[np.abs(np.arange(samples)[:, None] - indices[None, :]).argmin(axis=1)]
             profile = profile[nearest]
             self._teeth_redness: float | None = float(np.median(_redness(profile[indices])))
+            self._teeth_luma = float(np.median(luma[indices]))
             self._teeth_height = float(np.clip(np.median(gap[valid]) / iod, 0.07, 0.12)) * iod
         else:
             # No teeth to copy: an ivory shade, dimmer for a darker-lit face.
             ivory = np.array([188.0, 204.0, 214.0]) * min(1.0, 0.4 + self._lip_luma / 200.0)
             profile = np.tile(ivory, (samples, 1))
             self._teeth_redness = None
+            self._teeth_luma = float(_luma(ivory))
             self._teeth_height = 0.1 * iod
         self._lip_redness = float(_redness(self._lip))
         self._scan_reach = 0.5 * float(gap.max()) + 0.1 * iod
         self._teeth_half_width = max(1.0, float(np.linalg.norm(points[64] - points[60])) / 2.0)
+        if self._colourless:
+            profile, self._lip = _grey(profile), _grey(self._lip)
         self._teeth_texture = _teeth_texture(profile)
         self._cavity_texture = _cavity_texture(self._lip, profile.mean(axis=0))
+        if self._colourless:
+            self._cavity_texture = _grey(self._cavity_texture).astype(np.uint8)
 
     def lip_edges(self, crop: np.ndarray, points: np.ndarray) -> np.ndarray:
         """The landmarks with each inner-lip point moved onto the lip's real edge when the portrait shows teeth.
@@ -117,9 +127,12 @@ class MouthPalette:
 
     def _not_lip(self, colours: np.ndarray) -> np.ndarray:
         """Whether BGR colours look like the mouth's inside: far darker than the lips, or (teeth) much less red."""
-        dark = _luma(colours) < 0.55 * self._lip_luma
+        luma = _luma(colours)
+        dark = luma < 0.55 * self._lip_luma
         if self._teeth_redness is None:
             return dark
+        if self._colourless:  # brightness is all there is: teeth are brighter than the lips
+            return dark | (luma > 0.5 * (self._teeth_luma + self._lip_luma))
         return dark | (_redness(colours) < 0.5 * (self._teeth_redness + self._lip_redness))
 
     def draw_seam(self, image: np.ndarray, seam: np.ndarray) -> None:
@@ -266,6 +279,19 @@ def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 def _luma(bgr: np.ndarray) -> np.ndarray:
     return np.asarray(bgr, dtype=np.float64) @ np.array([0.114, 0.587, 0.299])
+
+
+def _grey(bgr: np.ndarray) -> np.ndarray:
+    """The same brightness with no colour: luma in every channel."""
+    return np.repeat(_luma(bgr)[..., None], 3, axis=-1)
+
+
+def _chroma(crop: np.ndarray, points: np.ndarray) -> float:
+    """How coloured the mouth and the skin around it are: the mean spread between the channels (0 for grey)."""
+    box = cv2.boundingRect(np.round(points[list(range(3, 14)) + list(range(48, 60))]).astype(np.int32))
+    x, y, w, h = box
+    patch = crop[max(y, 0):y + h, max(x, 0):x + w].astype(np.int16)
+    return float(np.mean(patch.max(axis=2) - patch.min(axis=2))) if patch.size else 0.0
 
 
 def _redness(bgr: np.ndarray) -> np.ndarray:

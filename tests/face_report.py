@@ -1,0 +1,338 @@
+"""The embedded face as a viewer judges it: renders of the example and of portraits derived from it, measured with
+dlib's 68 points, and a contact sheet to look at.
+
+    python -m tests.face_report [--out face-report] [--preset balanced] [--portraits example,grey,rgba,tilted]
+
+For each portrait it renders `tests/data/visemes.wav` (espeak-ng speech with phoneme timings) through the public API
+and measures, in inter-ocular distances (IOD):
+- rounding: the median mouth width on /u/ /o/ frames against /i/ frames and against rest;
+- teeth: the bright band's height in open frames against the photo's own, and bright pixels between closed lips;
+- blinks: each blink's length in frames, the eye's least opening against open, and how it reopens;
+- head: the nose tip's motion against the photo's pose while speaking and in long silences, and the jitter of eyes
+  and nose once the head's similarity is taken out;
+- the lip-sync and identity numbers of `tests/quality.py`.
+It writes `face_report.json` and, per portrait, `contact_<name>.png`: rest, "ah", "ee", "oo", "m", a blink and the
+largest nod, cut around the face at twice their size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from stages.session import AudioReader, Avatar
+from tests import quality
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "astronaut.png"
+VISEMES = ROOT / "tests" / "data" / "visemes.wav"
+FPS = 25.0
+
+ROUND_PHONEMES = ("u:", "oU", "U", "w", "O:", "o@", "aU")
+SPREAD_PHONEMES = ("i:", "i", "I", "eI", "E")
+OPEN_PHONEMES = ("A:", "aa", "a", "0", "V", "aI")
+CLOSED_PHONEMES = ("m", "b", "p")
+LEFT_EYE, RIGHT_EYE = (36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47)
+NOSE_TIP = 30
+TILT_DEG = 10.0
+
+
+# ---------------------------------------------------------------------------------------------------- portraits
+
+
+def derived_portraits(folder: Path, names: Sequence[str]) -> dict[str, Path]:
+    """The example and the portraits the issue names, written as files the way a user would have them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colour = cv2.imread(str(EXAMPLE), cv2.IMREAD_COLOR)
+    grey = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
+    makers: dict[str, Callable[[], np.ndarray]] = {
+        "example": lambda: colour,
+        "grey": lambda: grey,                                        # one channel
+        "grey3": lambda: cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR),     # three equal channels
+        "rgba": lambda: np.dstack([colour, np.full(colour.shape[:2], 255, np.uint8)]),
+        "deep": lambda: colour.astype(np.uint16) * 257,              # 16 bits a channel
+        "tilted": lambda: _tilted(colour, TILT_DEG),
+    }
+    paths = {}
+    for name in names:
+        path = folder / f"{name}.png"
+        cv2.imwrite(str(path), makers[name]())
+        paths[name] = path
+    return paths
+
+
+def _tilted(image: np.ndarray, degrees: float) -> np.ndarray:
+    height, width = image.shape[:2]
+    turn = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+    return cv2.warpAffine(image, turn, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+
+
+# ---------------------------------------------------------------------------------------------------- rendering
+
+
+def render(portrait: Path, speech: Path, preset: str) -> tuple[list[np.ndarray], Avatar]:
+    """Every frame of `speech` spoken by `portrait`, through the public API as an application would."""
+    avatar = Avatar.prepare(portrait, preset=preset)
+    reader = AudioReader(speech)
+
+    async def run() -> list[np.ndarray]:
+        frames: list[np.ndarray] = []
+        async with avatar.open_session(reader.format.rate_hz, reader.format.channels) as session:
+            async def feed() -> None:
+                while (block := reader.read()) is not None:
+                    await session.push(block)
+                await session.end()
+
+            feeding = asyncio.ensure_future(feed())
+            frames = [frame.image async for frame in session.frames()]
+            await feeding
+        return frames
+
+    return asyncio.run(run()), avatar
+
+
+# ---------------------------------------------------------------------------------------------------- measures
+
+
+def frame_phonemes(events: Sequence[dict], count: int) -> list[dict | None]:
+    """The phoneme event under each frame's midpoint."""
+    under: list[dict | None] = []
+    for frame in range(count):
+        middle = (frame + 0.5) * 1000.0 / FPS
+        under.append(next((e for e in events if e["start_ms"] <= middle < e["end_ms"]), None))
+    return under
+
+
+def rounding_report(width: np.ndarray, under: Sequence[dict | None]) -> dict[str, float]:
+    def median_of(keep: Callable[[dict], bool]) -> float:
+        values = [w for w, e in zip(width, under, strict=True) if e is not None and keep(e) and np.isfinite(w)]
+        return float(np.median(values)) if values else math.nan
+
+    round_w = median_of(lambda e: e["phoneme"] in ROUND_PHONEMES)
+    spread_w = median_of(lambda e: e["phoneme"] in SPREAD_PHONEMES)
+    rest_w = median_of(lambda e: e["class"] == "long_pause")
+    return {"width_round": round_w, "width_spread": spread_w, "width_rest": rest_w,
+            "round_over_spread": round_w / spread_w, "round_over_rest": round_w / rest_w}
+
+
+def eye_opening(points: np.ndarray) -> np.ndarray:
+    """The eye aspect ratio of both eyes, averaged: (|p1-p5| + |p2-p4|) / (2 |p0-p3|) per eye, (N,) frames."""
+    ratios = []
+    for eye in (LEFT_EYE, RIGHT_EYE):
+        p = points[:, list(eye)]
+        vertical = np.linalg.norm(p[:, 1] - p[:, 5], axis=1) + np.linalg.norm(p[:, 2] - p[:, 4], axis=1)
+        ratios.append(vertical / (2.0 * np.linalg.norm(p[:, 0] - p[:, 3], axis=1)))
+    return np.mean(ratios, axis=0)
+
+
+def blink_report(points: np.ndarray) -> dict:
+    """Blinks are runs of frames whose eye opening is under 85 % of the open eye's (its median)."""
+    opening = eye_opening(points)
+    open_level = float(np.nanmedian(opening))
+    shut = opening < 0.85 * open_level
+    blinks = []
+    frame = 0
+    while frame < len(shut):
+        if not shut[frame]:
+            frame += 1
+            continue
+        end = frame
+        while end < len(shut) and shut[end]:
+            end += 1
+        after = opening[end:end + 3]
+        blinks.append({"first_frame": frame, "frames": end - frame,
+                       "least_over_open": float(np.nanmin(opening[frame:end]) / open_level),
+                       "after_over_open": float(np.nanmean(after) / open_level) if len(after) else math.nan})
+        frame = end
+    return {"open_eye_ratio": open_level, "blinks": blinks}
+
+
+def head_report(points: np.ndarray, photo: np.ndarray, under: Sequence[dict | None]) -> dict:
+    """The nose tip's offset from the photo's, in IOD, while speaking and in long silences (after their first
+    second), and the jitter left once the head's similarity is taken out."""
+    iod = float(np.linalg.norm(photo[45] - photo[36]))
+    offset = np.linalg.norm(points[:, NOSE_TIP] - photo[NOSE_TIP], axis=1) / iod
+    speaking = np.array([e is not None and e["class"] not in ("pause", "long_pause") for e in under])
+    quiet = np.zeros(len(under), dtype=bool)
+    for frame, event in enumerate(under):
+        if event is not None and event["class"] == "long_pause":
+            quiet[frame] = (frame + 0.5) * 1000.0 / FPS >= event["start_ms"] + 1000.0
+    jitter = quality.jitter_report(points, photo)
+
+    def rms(mask: np.ndarray) -> float:
+        values = offset[mask & np.isfinite(offset)]
+        return float(np.sqrt(np.mean(values**2))) if len(values) else math.nan
+
+    return {"nose_rms_speaking": rms(speaking), "nose_rms_long_silence": rms(quiet),
+            "nose_max": float(np.nanmax(offset)), **jitter}
+
+
+def _mouth_box(points: np.ndarray, outer: bool) -> np.ndarray:
+    return points[48:60] if outer else points[60:68]
+
+
+def teeth_report(frames: Sequence[np.ndarray], points: np.ndarray, under: Sequence[dict | None],
+                 photo_image: np.ndarray, photo: np.ndarray) -> dict:
+    """The bright band's height at the mouth's middle in open frames against the photo's (IOD), and the share of
+    pixels between closed lips in silence that are nearly as bright as the photo's teeth."""
+    def band_height(image: np.ndarray, pts: np.ndarray) -> float:
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        lips = _polygon_mask(grey.shape, pts[48:60]) & ~_polygon_mask(grey.shape, pts[60:68])
+        inside = _polygon_mask(grey.shape, pts[60:68])
+        if not inside.any() or not lips.any():
+            return 0.0
+        bright = inside & (grey > np.median(grey[lips]) + 40.0)
+        middle = int(round((pts[62, 0] + pts[66, 0]) / 2.0))
+        columns = bright[:, max(middle - 3, 0):middle + 4]
+        return float(columns.sum(axis=0).max())
+
+    iod = float(np.linalg.norm(photo[45] - photo[36]))
+    photo_band = band_height(photo_image, photo) / iod
+    photo_grey = cv2.cvtColor(photo_image, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    photo_inner = _polygon_mask(photo_grey.shape, photo[60:68])
+    lip_level = float(np.median(photo_grey[_polygon_mask(photo_grey.shape, photo[48:60]) & ~photo_inner]))
+    teeth_level = float(np.percentile(photo_grey[photo_inner], 75)) if photo_inner.any() else 230.0
+    teeth_bright = lip_level + 0.7 * (max(teeth_level, lip_level + 40.0) - lip_level)
+    aperture = quality.mouth_geometry(points)["aperture"]
+    open_frames = [i for i, a in enumerate(aperture) if np.isfinite(a) and a > 0.2]
+    bands = [band_height(frames[i], points[i]) / iod for i in open_frames]
+    # Silence: long pauses, leaving out their first and last 200 ms (the mouth closes after speech, opens before).
+    silent = [i for i, e in enumerate(under) if e is not None and e["class"] == "long_pause"
+              and e["start_ms"] + 200.0 <= (i + 0.5) * 1000.0 / FPS < e["end_ms"] - 200.0 and np.isfinite(aperture[i])]
+    bright_shares = []
+    for i in silent:
+        # Between closed lips: the inner-lip outline grown by 0.04 IOD, against the lips' own brightness.
+        grey = cv2.cvtColor(frames[i], cv2.COLOR_BGR2GRAY).astype(np.float32)
+        lips = _polygon_mask(grey.shape, points[i, 48:60])
+        seam = _polygon_mask(grey.shape, points[i, 60:68]).astype(np.uint8)
+        grow = max(1, round(0.04 * iod))
+        between = cv2.dilate(seam, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)).astype(bool) & lips
+        if between.any():
+            bright_shares.append(float(np.mean(grey[between] > teeth_bright)))
+    return {"photo_band": photo_band, "open_band_median": float(np.median(bands)) if bands else math.nan,
+            "band_over_photo": float(np.median(bands)) / photo_band if bands and photo_band else math.nan,
+            "closed_bright_share_max": max(bright_shares) if bright_shares else math.nan}
+
+
+def _polygon_mask(shape: tuple[int, ...], polygon: np.ndarray) -> np.ndarray:
+    mask = np.zeros(shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(polygon * 8).astype(np.int32)], 1, cv2.LINE_8, 3)
+    return mask.astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------------- the sheet
+
+
+def contact_sheet(frames: Sequence[np.ndarray], points: np.ndarray, under: Sequence[dict | None],
+                  blinks: list[dict], photo: np.ndarray) -> np.ndarray:
+    """Rest, "ah", "ee", "oo", "m", the deepest blink and the largest nod, each cut around the face at 2x."""
+    def middle_of(phonemes: tuple[str, ...], kind: str | None = None) -> int | None:
+        best, best_length = None, 0.0
+        for frame, event in enumerate(under):
+            if event is not None and (event["phoneme"] in phonemes or event["class"] == kind):
+                length = event["end_ms"] - event["start_ms"]
+                if length > best_length:
+                    best, best_length = frame, length
+        return best
+
+    picks = {
+        "rest": middle_of((), "long_pause"),
+        "ah": middle_of(OPEN_PHONEMES),
+        "ee": middle_of(SPREAD_PHONEMES),
+        "oo": middle_of(ROUND_PHONEMES),
+        "m": middle_of(("m",)),
+    }
+    if blinks:
+        deepest = min(blinks, key=lambda b: b["least_over_open"])
+        frames_of_blink = range(deepest["first_frame"], deepest["first_frame"] + deepest["frames"])
+        picks["blink"] = min(frames_of_blink, key=lambda f: float(eye_opening(points[f:f + 1])[0]))
+    nods = points[:, NOSE_TIP, 1] - photo[NOSE_TIP, 1]
+    picks["nod"] = int(np.nanargmax(np.abs(nods)))
+    iod = float(np.linalg.norm(photo[45] - photo[36]))
+    centre = (photo[30] + photo[8]) / 2.0 - (0.0, 0.25 * iod)
+    half = int(round(1.2 * iod))
+    x0, y0 = int(centre[0]) - half, int(centre[1]) - half
+    tiles = []
+    for label, frame in picks.items():
+        if frame is None:
+            continue
+        padded = cv2.copyMakeBorder(frames[frame], half, half, half, half, cv2.BORDER_CONSTANT)
+        tile = padded[y0 + half:y0 + 3 * half, x0 + half:x0 + 3 * half]
+        tile = cv2.resize(tile, (4 * half, 4 * half), interpolation=cv2.INTER_LANCZOS4)
+        cv2.putText(tile, f"{label} #{frame}", (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2,
+                    cv2.LINE_AA)
+        tiles.append(tile)
+    return np.hstack(tiles)
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+
+
+def measure(name: str, portrait: Path, preset: str, out: Path, measurer: quality.FaceMeasurer) -> dict:
+    frames, avatar = render(portrait, VISEMES, preset)
+    photo_image = cv2.imread(str(EXAMPLE)) if name == "example" else _as_bgr(portrait)
+    measurer.reset()
+    photo = measurer.landmarks(photo_image)
+    if photo is None:
+        raise SystemExit(f"no face in {portrait}")
+    measurer.reset()
+    points = quality.stack_landmarks([measurer.landmarks(frame) for frame in frames])
+    events = json.loads(VISEMES.with_suffix(".phonemes.json").read_text())
+    audio, rate = quality.read_audio(VISEMES)
+    under = frame_phonemes(events, len(frames))
+    geometry = quality.mouth_geometry(points)
+    blinks = blink_report(points)
+    report = {
+        "frames": len(frames),
+        "rounding": rounding_report(geometry["width"], under),
+        "teeth": teeth_report(frames, points, under, photo_image, photo),
+        "blinks": blinks,
+        "head": head_report(points, photo, under),
+        "lipsync": quality.lipsync_report(points, events, audio, rate, FPS),
+    }
+    cv2.imwrite(str(out / f"contact_{name}.png"), contact_sheet(frames, points, under, blinks["blinks"], photo))
+    return report
+
+
+def _as_bgr(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    return image[:, :, :3].copy()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("face-report"), help="folder for the JSON and the sheets")
+    parser.add_argument("--preset", default="balanced")
+    parser.add_argument("--portraits", default="example,grey,grey3,rgba,deep,tilted",
+                        help="comma-separated: example, grey, grey3, rgba, deep, tilted")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    measurer = quality.FaceMeasurer()
+    portraits = derived_portraits(args.out / "portraits", args.portraits.split(","))
+    report = {name: measure(name, path, args.preset, args.out, measurer) for name, path in portraits.items()}
+    (args.out / "face_report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    for name, figures in report.items():
+        r, t, h = figures["rounding"], figures["teeth"], figures["head"]
+        lengths = [b["frames"] for b in figures["blinks"]["blinks"]]
+        print(f"{name:8s} round/spread {r['round_over_spread']:.3f} round/rest {r['round_over_rest']:.3f}  "
+              f"teeth {t['band_over_photo']:.2f}x closed-bright {t['closed_bright_share_max']:.3f}  "
+              f"blinks {lengths}  nose rms {h['nose_rms_speaking']:.3f}/{h['nose_rms_long_silence']:.3f}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
