@@ -3,8 +3,8 @@ dlib's 68 points, and a contact sheet to look at.
 
     python -m tests.face_report [--out face-report] [--preset balanced] [--portraits example,grey,rgba,tilted]
 
-For each portrait it renders `tests/data/visemes.wav` (espeak-ng speech with phoneme timings) through the public API
-and measures, in inter-ocular distances (IOD):
+For each portrait it renders `tests/data/visemes.wav` (espeak-ng speech with phoneme timings) and 3.5 s of silence
+after it through the public API, and measures, in inter-ocular distances (IOD):
 - rounding: the median mouth width on /u/ /o/ frames against /i/ frames and against rest;
 - teeth: the bright band's height in open frames against the photo's own, and bright pixels between closed lips;
 - blinks: each blink's length in frames, the eye's least opening against open, and how it reopens;
@@ -43,6 +43,25 @@ CLOSED_PHONEMES = ("m", "b", "p")
 LEFT_EYE, RIGHT_EYE = (36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47)
 NOSE_TIP = 30
 TILT_DEG = 10.0
+SILENCE_AFTER_S = 3.5
+
+
+def speech_with_silence(folder: Path) -> tuple[Path, list[dict]]:
+    """The viseme speech and a long silence after it (where the head must come back to rest), with its events."""
+    import wave
+
+    events = json.loads(VISEMES.with_suffix(".phonemes.json").read_text())
+    with wave.open(str(VISEMES)) as reader:
+        params, pcm = reader.getparams(), reader.readframes(reader.getnframes())
+    silence = int(SILENCE_AFTER_S * params.framerate) * params.sampwidth * params.nchannels
+    path = folder / "speech_and_silence.wav"
+    with wave.open(str(path), "wb") as writer:
+        writer.setparams(params)
+        writer.writeframes(pcm + bytes(silence))
+    end = int(round(1000 * params.nframes / params.framerate))
+    events.append({"phoneme": "_:", "start_ms": max(e["end_ms"] for e in events), "end_ms":
+                   end + int(SILENCE_AFTER_S * 1000), "class": "long_pause"})
+    return path, events
 
 
 # ---------------------------------------------------------------------------------------------------- portraits
@@ -134,7 +153,9 @@ def eye_opening(points: np.ndarray) -> np.ndarray:
 
 
 def blink_report(points: np.ndarray) -> dict:
-    """Blinks are runs of frames whose eye opening is under 85 % of the open eye's (its median)."""
+    """Blinks are runs of frames whose eye opening is under 85 % of the open eye's (its median). Each is measured
+    against the eye in the eight frames before it: its least opening, and the five frames after the first open
+    one."""
     opening = eye_opening(points)
     open_level = float(np.nanmedian(opening))
     shut = opening < 0.85 * open_level
@@ -147,10 +168,13 @@ def blink_report(points: np.ndarray) -> dict:
         end = frame
         while end < len(shut) and shut[end]:
             end += 1
-        after = opening[end:end + 3]
-        blinks.append({"first_frame": frame, "frames": end - frame,
-                       "least_over_open": float(np.nanmin(opening[frame:end]) / open_level),
-                       "after_over_open": float(np.nanmean(after) / open_level) if len(after) else math.nan})
+        before = opening[max(frame - 8, 0):frame]
+        if end + 6 < len(shut) and len(before):  # a blink the clip cuts off is not measured
+            # Against the eye just before it: the open eye's reading moves a little with the head and the mouth.
+            level = float(np.nanmedian(before))
+            blinks.append({"first_frame": frame, "frames": end - frame,
+                           "least_over_open": float(np.nanmin(opening[frame:end]) / level),
+                           "after_over_open": float(np.nanmedian(opening[end + 1:end + 6]) / level)})
         frame = end
     return {"open_eye_ratio": open_level, "blinks": blinks}
 
@@ -277,7 +301,8 @@ def contact_sheet(frames: Sequence[np.ndarray], points: np.ndarray, under: Seque
 
 
 def measure(name: str, portrait: Path, preset: str, out: Path, measurer: quality.FaceMeasurer) -> dict:
-    frames, avatar = render(portrait, VISEMES, preset)
+    speech, events = speech_with_silence(out)
+    frames, avatar = render(portrait, speech, preset)
     photo_image = cv2.imread(str(EXAMPLE)) if name == "example" else _as_bgr(portrait)
     measurer.reset()
     photo = measurer.landmarks(photo_image)
@@ -285,8 +310,7 @@ def measure(name: str, portrait: Path, preset: str, out: Path, measurer: quality
         raise SystemExit(f"no face in {portrait}")
     measurer.reset()
     points = quality.stack_landmarks([measurer.landmarks(frame) for frame in frames])
-    events = json.loads(VISEMES.with_suffix(".phonemes.json").read_text())
-    audio, rate = quality.read_audio(VISEMES)
+    audio, rate = quality.read_audio(speech)
     under = frame_phonemes(events, len(frames))
     geometry = quality.mouth_geometry(points)
     blinks = blink_report(points)

@@ -48,32 +48,57 @@ class FrameTarget:
 
 
 class BlinkSchedule:
-    """Seeded blinks every 2–6 s: close in 40 ms, stay shut 30 ms, reopen in 70 ms (≈140 ms in all).
-
-    The hold keeps the lids at least 90 % shut for ≈ 50 ms, so some frame centre sees it at 25 fps and above.
+    """Seeded blinks the way people blink: every 2-6 s, held back while the speech is loud, and now and then at the
+    end of a phrase. Each one varies: the lids close in 60-80 ms, stay shut 50-70 ms and reopen in 90-130 ms, so a
+    blink shows on 3-6 frames at 25 fps (120-240 ms), and the eyes are exactly open again after it.
     """
 
-    CLOSE_S, HOLD_S, OPEN_S = 0.040, 0.030, 0.070
+    CLOSE_S, HOLD_S, OPEN_S = (0.060, 0.080), (0.050, 0.070), (0.090, 0.130)
     INTERVAL_S = (2.0, 6.0)
+    LOUD = 0.6                 # speech activity at which a blink that falls due waits ...
+    WAIT_S = (0.3, 0.8)        # ... this long (at most twice)
+    PHRASE_END_CHANCE = 0.5    # a phrase's end (loud, then silent) brings the next blink forward this often
+    MIN_GAP_S = 1.5            # but never this soon after the last one
 
     def __init__(self, rng: np.random.Generator) -> None:
         self.rng = rng
         self.next_start_s = float(rng.uniform(*self.INTERVAL_S))
         self.current_start_s = -math.inf
+        self.phases = self._phases()
+        self.waited = 0
+        self.loud_until_s = -math.inf
 
-    def value(self, time_s: float) -> float:
-        """Lid closure at `time_s`; times must not decrease between calls."""
+    def _phases(self) -> tuple[float, float, float]:
+        return (float(self.rng.uniform(*self.CLOSE_S)), float(self.rng.uniform(*self.HOLD_S)),
+                float(self.rng.uniform(*self.OPEN_S)))
+
+    def value(self, time_s: float, speech: float = 0.0) -> float:
+        """Lid closure at `time_s` (0 open .. 1 shut) given the speech activity 0..1 there; times must not decrease
+        between calls."""
+        if speech >= 0.4:
+            self.loud_until_s = time_s
+        elif (speech < 0.1 and 0.0 < time_s - self.loud_until_s < 0.1
+              and time_s - self.current_start_s > self.MIN_GAP_S and self.next_start_s - time_s > 0.5
+              and self.rng.random() < self.PHRASE_END_CHANCE):
+            self.next_start_s = time_s + float(self.rng.uniform(0.05, 0.2))
+            self.loud_until_s = -math.inf
         while time_s >= self.next_start_s:
-            self.current_start_s = self.next_start_s
-            self.next_start_s += float(self.rng.uniform(*self.INTERVAL_S))
+            if speech >= self.LOUD and self.waited < 2:
+                self.next_start_s += float(self.rng.uniform(*self.WAIT_S))
+                self.waited += 1
+                continue
+            self.current_start_s, self.waited = self.next_start_s, 0
+            self.phases = self._phases()
+            self.next_start_s += sum(self.phases) + float(self.rng.uniform(*self.INTERVAL_S))
+        close_s, hold_s, open_s = self.phases
         phase = time_s - self.current_start_s
-        if phase < self.CLOSE_S:
-            return 0.5 - 0.5 * math.cos(math.pi * phase / self.CLOSE_S)
-        if phase < self.CLOSE_S + self.HOLD_S:
+        if phase < close_s:
+            return 0.5 - 0.5 * math.cos(math.pi * phase / close_s)
+        if phase < close_s + hold_s:
             return 1.0
-        phase -= self.CLOSE_S + self.HOLD_S
-        if phase < self.OPEN_S:
-            return 0.5 + 0.5 * math.cos(math.pi * phase / self.OPEN_S)
+        phase -= close_s + hold_s
+        if phase < open_s:
+            return 0.5 + 0.5 * math.cos(math.pi * phase / open_s)
         return 0.0
 
 
@@ -284,7 +309,7 @@ class EmbeddedMotion:
         self.width += self.shape_alpha * (target.width - self.width)
 
         centre_s = (self.clock.start(k) + self.clock.start(k + 1)) / 2 / self.clock.rate_hz
-        blink = self.blinks.value(centre_s)
+        blink = self.blinks.value(centre_s, target.speech)
         roll, dx, dy = self.head.pose(centre_s, target.speech)
         if self.still:
             roll = dx = dy = 0.0

@@ -167,8 +167,8 @@ class MouthPalette:
         """
         x0, y0, x1, y1 = box
         columns = np.arange(x0, x1, dtype=np.float32)
-        top = _curve_y(upper, columns)
-        opening = np.maximum(_curve_y(lower, columns) - top, np.float32(0.5))
+        top = curve_y(upper, columns)
+        opening = np.maximum(curve_y(lower, columns) - top, np.float32(0.5))
         centre_x = np.float32(0.5 * (upper[0, 0] + upper[-1, 0]))
         half_width = np.float32(max(0.5 * abs(upper[-1, 0] - upper[0, 0]), 1.0))
         depth = np.arange(y0, y1, dtype=np.float32)[:, None] - top
@@ -263,7 +263,7 @@ def _resample_polyline(polyline: np.ndarray, fractions: np.ndarray) -> np.ndarra
     return np.column_stack([np.interp(target, distance, polyline[:, 0]), np.interp(target, distance, polyline[:, 1])])
 
 
-def _curve_y(curve: np.ndarray, columns: np.ndarray) -> np.ndarray:
+def curve_y(curve: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """y of a left-to-right curve at each column (x kept increasing so np.interp is valid)."""
     xs = np.maximum.accumulate(curve[:, 0])
     return np.interp(columns, xs, curve[:, 1]).astype(np.float32)

@@ -3,13 +3,14 @@
 Per avatar, once: a fixed triangle mesh over the 68 landmarks, anchor points around the face and a fixed frame of
 points inset from the crop border; the portrait's mouth closed by an exact per-pixel piecewise-affine warp (the
 rest pose of aperture 0 is lips touching, whatever the photo shows; its teeth painted over with lip first); unit
-landmark moves for opening, spreading, rounding and blinking; the exact inverse of the mesh warp tabulated over a
-grid of mouth commands (on a node lattice of about 64 a side) and of blink levels (per pixel around the eyes);
-mouth textures from the portrait's lips and teeth; a head weight that is 1 on the face and 0 well inside the crop.
+landmark moves for opening, spreading and rounding; the exact inverse of the mesh warp tabulated over a grid of
+mouth commands (on a node lattice of about 64 a side); mouth textures from the portrait's lips and teeth; a head
+weight that is 1 on the face and 0 well inside the crop.
 
 Per frame: the tabulated inverse shifts are interpolated for the command, the head similarity is composed on top,
 the node shifts are upsampled and `cv2.remap` samples the closed-mouth crop; the mouth interior is then painted
-inside the moved inner lips. About 0.7 ms for a 190 px crop on one core.
+inside the moved inner lips, and a blink slides each upper lid down over its eye. About 0.7 ms for a 190 px crop on
+one core.
 
 Coordinates are crop pixels (x right, y down); expression lengths are fractions of IOD = |p36 - p45|.
 """
@@ -32,6 +33,7 @@ from stages.embedded.mouth import (
     UPPER_INNER_CHAIN,
     MouthPalette,
     catmull_rom_matrix,
+    curve_y,
     smoothstep,
 )
 
@@ -43,6 +45,14 @@ EYE_POINTS = UPPER_LIDS + LOWER_LIDS
 # Where the lids meet on a blink, as a fraction of the way from the upper to the lower lid: a shut eye's lash line
 # sits low, so the upper lid does most of the travel.
 LID_MEET = 0.8
+# The skin above the upper lid's edge that becomes the closing lid, as a fraction of the eye's opening.
+LID_SKIN = 0.6
+LID_TRAVEL = 1.0   # how far a shut lid's edge travels, in eye openings: onto the lower lid
+LASH_LINE = 0.55  # the upper lashes and their shadow, as a fraction of the eye's opening: they move, never stretch
+CLEAN_SKIN = 1.0  # the share of the lid's skin, from the crease down, that is free of lashes
+LASH_SHADE = 0.35  # how much darker a shut eye's lash line is than the open eye's
+LEFT_EYE_UPPER, LEFT_EYE_LOWER = (36, 37, 38, 39), (36, 41, 40, 39)
+RIGHT_EYE_UPPER, RIGHT_EYE_LOWER = (42, 43, 44, 45), (42, 47, 46, 45)
 
 # Unit moves (per 1.0 IOD of command) in the face frame: (along the eye line to image right, towards the chin).
 # Opening: the lower lip travels with the jaw; the chin follows ~0.6 of the lower lip, the cheeks less; the upper
@@ -84,7 +94,6 @@ WIDTH_GAIN = 1.6
 # Drawn values at which the inverse warp is tabulated per avatar; others interpolate, beyond the ends they clamp.
 APERTURE_LEVELS = np.linspace(0.0, 0.55, 12)
 WIDTH_LEVELS = np.linspace(-0.2, 0.2, 9)
-BLINK_LEVELS = np.linspace(0.0, 1.0, 11)
 CLOSED_GAP_IOD = 0.004  # the rest pose keeps the inner lips this far apart so no triangle starts with zero area
 MAX_NODES_PER_SIDE = 64
 
@@ -130,10 +139,8 @@ class WarpRenderer:
         mouth = self._touching(MOUTH_POINTS)
         eyes = self._touching(EYE_POINTS)
         self._mouth_shifts = self._shift_table(mouth, [APERTURE_LEVELS, WIDTH_LEVELS], _mouth_command, self._node_xy)
-        # Blinks collapse the eye to a line: a node lattice would smear the eye over a node spacing around it, so
-        # the eyes are tabulated per pixel.
-        pixels = np.dstack(np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64)))
-        self._eye_shifts = self._shift_table(eyes, [BLINK_LEVELS], _blink_command, pixels)
+        self._lid_curve = catmull_rom_matrix(4, 8)
+        self._lid_box = self._lid_region(points)
         self._head_weight = _head_weight(points, self._iod, self._shape)
         self._head_nodes = cv2.resize(self._head_weight, self._nodes[::-1], interpolation=cv2.INTER_AREA)
         self._head_block = _bbox(self._head_nodes > 0, margin=1, limit=self._nodes)
@@ -158,7 +165,7 @@ class WarpRenderer:
         # (h, w, 3) crop, are all a frame needs to reset (a short list, cheaper than a masked copy of the box).
         remapped = np.zeros(self._shape, dtype=bool)
         for top, bottom, left, right in (
-            self._pixel_box(self._mouth_shifts.block), self._pixel_box(self._head_block), self._eye_shifts.block
+            self._pixel_box(self._mouth_shifts.block), self._pixel_box(self._head_block), self._lid_box
         ):
             remapped[top:bottom, left:right] = True
         self._frozen_index = np.flatnonzero(frozen & remapped[:, :, None])
@@ -185,17 +192,19 @@ class WarpRenderer:
             shift = self._compose_head(shift, head)
             boxes.append(self._pixel_box(self._head_block))
         blink = min(max(expression.blink, 0.0), 1.0)
+        if boxes:
+            box = (
+                min(box[0] for box in boxes), max(box[1] for box in boxes),
+                min(box[2] for box in boxes), max(box[3] for box in boxes),
+            )
+            self._remap(out, shift, box)
+            # Only the inner lips (points 60..67) are needed to paint the mouth, which never opens without a mouth
+            # box.
+            self._paint_mouth(out, self._moved_points(slice(60, 68), aperture, width, 0.0, head))
         if blink:
-            boxes.append(self._eye_shifts.block)
-        if not boxes:
-            return out
-        box = (
-            min(box[0] for box in boxes), max(box[1] for box in boxes),
-            min(box[2] for box in boxes), max(box[3] for box in boxes),
-        )
-        self._remap(out, shift, box, blink)
-        # Only the inner lips (points 60..67) are needed to paint the mouth, which never opens without a mouth box.
-        self._paint_mouth(out, self._moved_points(slice(60, 68), aperture, width, blink, head))
+            eyes = self._moved_points(slice(36, 48), 0.0, 0.0, 0.0, head)
+            for upper, lower in ((LEFT_EYE_UPPER, LEFT_EYE_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER)):
+                self._paint_lid(out, eyes[[i - 36 for i in upper]], eyes[[i - 36 for i in lower]], blink)
         # Outside the remapped box (which holds the painted mouth) the output is still the base.
         out.reshape(-1)[self._frozen_index] = self._base.reshape(-1)[self._frozen_index]
         return out
@@ -394,8 +403,8 @@ class WarpRenderer:
         composed[top:bottom, left:right] += back
         return composed
 
-    def _remap(self, out: np.ndarray, shift: np.ndarray, box: tuple[int, int, int, int], blink: float) -> None:
-        """Resample the base over the pixel `box` (y0, y1, x0, x1): node shifts upsampled, plus the eyes per pixel."""
+    def _remap(self, out: np.ndarray, shift: np.ndarray, box: tuple[int, int, int, int]) -> None:
+        """Resample the base over the pixel `box` (y0, y1, x0, x1): node shifts upsampled."""
         y0, y1, x0, x1 = box
         step = self._step
         top, left = y0 // step, x0 // step
@@ -409,8 +418,6 @@ class WarpRenderer:
         if pixels is None:
             pixels = self._box_pixels.setdefault(box, self._pixel_xy[y0:y1, x0:x1].copy())
         where += pixels
-        if blink:
-            self._add_eye_shift(where, (y0, x0), blink)
         # Fixed-point maps (1/32 px) make the remap about twice as fast as float maps and keep whole pixels exact.
         # map2=None (both coordinates in `where`) is OpenCV's documented call; its stub asks for an array
         packed, fraction = cv2.convertMaps(where, None, cv2.CV_16SC2)  # type: ignore[call-overload]
@@ -418,18 +425,53 @@ class WarpRenderer:
             self._base, packed, fraction, cv2.INTER_LINEAR, dst=out[y0:y1, x0:x1], borderMode=cv2.BORDER_REPLICATE
         )
 
-    def _add_eye_shift(self, where: np.ndarray, origin: tuple[int, int], blink: float) -> None:
-        """Add the per-pixel blink shifts to the (x, y) map `where`, read where the head motion (already in it)
-        brought each pixel."""
-        top, bottom, left, right = self._eye_shifts.block
-        eye = np.zeros((bottom - top, right - left, 2), dtype=np.float32)
-        self._eye_shifts.add_to(eye, (blink,), offset=(top, left))
-        around_eyes = where[top - origin[0] : bottom - origin[0], left - origin[1] : right - origin[1]]
-        moved = cv2.remap(
-            eye, around_eyes - np.array([left, top], dtype=np.float32), None, cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT, borderValue=0,
-        )
-        around_eyes += moved
+    def _lid_region(self, points: np.ndarray) -> tuple[int, int, int, int]:
+        """The pixel box (y0, y1, x0, x1) a blink may repaint: both eyes, the lid skin above them, any head pose."""
+        eyes = points[36:48]
+        reach = 0.25 * self._iod
+        low, high = eyes.min(axis=0) - reach, eyes.max(axis=0) + reach
+        return (max(math.floor(low[1]), 0), min(math.ceil(high[1]) + 1, self._shape[0]),
+                max(math.floor(low[0]), 0), min(math.ceil(high[0]) + 1, self._shape[1]))
+
+    def _paint_lid(self, out: np.ndarray, upper: np.ndarray, lower: np.ndarray, blink: float) -> None:
+        """Slide the upper lid down over the eye: the skin above the lid's edge stretches down to the edge's new place
+        and covers what it passes (iris and white are hidden, not squeezed); its lashes come along with the edge.
+        `upper`, `lower`: the eye's corners and lid points (corner, two lid points, corner) where the frame shows
+        them."""
+        top_curve, bottom_curve = self._lid_curve @ upper, self._lid_curve @ lower
+        x0 = max(math.floor(min(upper[0, 0], upper[-1, 0])), 0)
+        x1 = min(math.ceil(max(upper[0, 0], upper[-1, 0])) + 1, self._shape[1])
+        if x1 - x0 < 2:
+            return
+        columns = np.arange(x0, x1, dtype=np.float32)
+        edge_then = curve_y(top_curve, columns)
+        opening = np.maximum(curve_y(bottom_curve, columns) - edge_then, 0.0)
+        edge_now = edge_then + np.float32(blink * LID_TRAVEL) * opening
+        tallest = np.float32(opening.max())
+        crease = edge_then - np.float32(LID_SKIN) * tallest
+        lashes = np.float32(max(1.0, LASH_LINE * float(tallest)))
+        y0 = max(math.floor(float(crease.min())) - 1, 0)
+        y1 = min(math.ceil(float(edge_now.max())) + 2, self._shape[0])
+        if y1 - y0 < 2:
+            return
+        rows = np.arange(y0, y1, dtype=np.float32)[:, None]
+        # The lid's skin (crease to lashes) stretches over the way the edge travelled; the lash line keeps its
+        # thickness and travels with the edge.
+        skin_then, skin_now = edge_then - lashes, edge_now - lashes
+        # Only the upper part of the skin is stretched: just above the lashes it is streaked with them.
+        stretch = np.float32(CLEAN_SKIN) * (skin_then - crease) / np.maximum(skin_now - crease, np.float32(1e-3))
+        travel = edge_now - edge_then
+        source_y = np.where(rows < crease, rows,
+                            np.where(rows < skin_now, crease + (rows - crease) * stretch, rows - travel))
+        source_x = np.broadcast_to(columns[None, :], source_y.shape)
+        region = out[y0:y1, x0:x1]
+        lid = cv2.remap(region, source_x - x0, (source_y - y0).astype(np.float32), cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+        # Covered above the edge, the eye below it, over one pixel of soft edge.
+        cover = np.clip(edge_now - rows + 0.5, 0.0, 1.0).astype(np.float32)
+        # Lashes gather as the lid comes down: the lash line darkens, most at the edge.
+        shade = np.clip((rows - skin_now) / lashes, 0.0, 1.0) * cover * np.float32(LASH_SHADE * blink)
+        cv2.blendLinear(lid, region, cover - shade, 1.0 - cover, dst=region)
 
     def _paint_mouth(self, out: np.ndarray, lips: np.ndarray) -> None:
         """Paint cavity, teeth and tongue inside the moved inner-lip polygon (lips = points 60..67)."""
@@ -548,10 +590,9 @@ class _ShiftTable:
         self.block = block
 
     def add_to(
-        self, shift: np.ndarray, command: tuple[float, ...], offset: tuple[int, int] = (0, 0)
+        self, shift: np.ndarray, command: tuple[float, ...]
     ) -> tuple[int, int, int, int]:
-        """Add the interpolated shifts for `command` into `shift` (whose [0, 0] is lattice cell `offset`);
-        return the block of the lattice they cover."""
+        """Add the interpolated shifts for `command` into `shift`; return the block of the lattice they cover."""
         corners: list[tuple[tuple[int, ...], float]] = [((), 1.0)]
         for axis, value in zip(self._level_lists, command, strict=True):
             # np.interp(value, axis, range(len(axis))) in plain floats: a scalar costs far less this way.
@@ -564,7 +605,7 @@ class _ShiftTable:
                 for upper in (0, 1)
             ]
         top, bottom, left, right = self.block
-        target = shift[top - offset[0] : bottom - offset[0], left - offset[1] : right - offset[1]]
+        target = shift[top:bottom, left:right]
         weighted = np.empty_like(target)
         for index, weight in corners:
             if weight > 1e-6:
@@ -616,10 +657,6 @@ def _mouth_command(aperture: float, width: float) -> Expression:
     """The command that draws this aperture and width change (the calibration inverted)."""
     commanded = float(np.interp(aperture, APERTURE_DRAWN, APERTURE_COMMANDED))
     return Expression(0, aperture=commanded, width=width / WIDTH_GAIN)
-
-
-def _blink_command(blink: float) -> Expression:
-    return Expression(0, blink=blink)
 
 
 def _clamped_mouth(expression: Expression) -> tuple[float, float]:
