@@ -43,6 +43,7 @@ class StreamSettings:
 @dataclass(frozen=True, slots=True)
 class MotionSettings:
     lookahead_ms: int
+    head_scale: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("stream", "chunk_ms"): (lambda v: v in (10, 20, 40), "10, 20 or 40"),
     ("stream", "queue_depth"): (lambda v: 1 <= v <= 256, "an integer from 1 to 256"),
     ("motion", "lookahead_ms"): (lambda v: 20 <= v <= 200, "an integer from 20 to 200"),
+    ("motion", "head_scale"): (lambda v: 0 <= v <= 3, "a number from 0 to 3"),
     ("render", "crop_size"): (lambda v: 64 <= v <= 1024, "an integer from 64 to 1024"),
     ("render", "max_batch"): (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
     ("render", "max_wait_ms"): (lambda v: 0 <= v <= 1000, "a number of ms from 0 to 1000"),

@@ -97,9 +97,9 @@ def _tilted(image: np.ndarray, degrees: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- rendering
 
 
-def render(portrait: Path, speech: Path, preset: str) -> tuple[list[np.ndarray], Avatar]:
+def render(portrait: Path, speech: Path, preset: str, overrides: Sequence[str] = ()) -> tuple[list[np.ndarray], Avatar]:
     """Every frame of `speech` spoken by `portrait`, through the public API as an application would."""
-    avatar = Avatar.prepare(portrait, preset=preset)
+    avatar = Avatar.prepare(portrait, preset=preset, overrides=overrides)
     reader = AudioReader(speech)
 
     async def run() -> list[np.ndarray]:
@@ -179,11 +179,16 @@ def blink_report(points: np.ndarray) -> dict:
     return {"open_eye_ratio": open_level, "blinks": blinks}
 
 
-def head_report(points: np.ndarray, photo: np.ndarray, under: Sequence[dict | None]) -> dict:
-    """The nose tip's offset from the photo's, in IOD, while speaking and in long silences (after their first
-    second), and the jitter left once the head's similarity is taken out."""
+def head_report(points: np.ndarray, rest: np.ndarray, photo: np.ndarray, under: Sequence[dict | None]) -> dict:
+    """The nose tip's offset from where it is with the head in the photo's pose, in IOD, while speaking and in long
+    silences (after their first second), and the jitter left once the head's similarity is taken out.
+
+    `rest` holds dlib's points on the rendered face at rest with the head kept still: its nose is where the photo's
+    pose puts it. dlib reads that nose about 0.01 IOD off the photo's own (the rest pose closes the photo's smile),
+    which is no motion; it is reported as `rest_off_photo`.
+    """
     iod = float(np.linalg.norm(photo[45] - photo[36]))
-    offset = np.linalg.norm(points[:, NOSE_TIP] - photo[NOSE_TIP], axis=1) / iod
+    offset = np.linalg.norm(points[:, NOSE_TIP] - rest[NOSE_TIP], axis=1) / iod
     speaking = np.array([e is not None and e["class"] not in ("pause", "long_pause") for e in under])
     quiet = np.zeros(len(under), dtype=bool)
     for frame, event in enumerate(under):
@@ -196,7 +201,8 @@ def head_report(points: np.ndarray, photo: np.ndarray, under: Sequence[dict | No
         return float(np.sqrt(np.mean(values**2))) if len(values) else math.nan
 
     return {"nose_rms_speaking": rms(speaking), "nose_rms_long_silence": rms(quiet),
-            "nose_max": float(np.nanmax(offset)), **jitter}
+            "nose_max": float(np.nanmax(offset)),
+            "rest_off_photo": float(np.linalg.norm(rest[NOSE_TIP] - photo[NOSE_TIP]) / iod), **jitter}
 
 
 def _mouth_box(points: np.ndarray, outer: bool) -> np.ndarray:
@@ -300,14 +306,18 @@ def contact_sheet(frames: Sequence[np.ndarray], points: np.ndarray, under: Seque
 # ---------------------------------------------------------------------------------------------------- the report
 
 
-def measure(name: str, portrait: Path, preset: str, out: Path, measurer: quality.FaceMeasurer) -> dict:
+def measure(name: str, portrait: Path, preset: str, out: Path, measurer: quality.FaceMeasurer,
+            overrides: Sequence[str] = ()) -> dict:
     speech, events = speech_with_silence(out)
-    frames, avatar = render(portrait, speech, preset)
+    frames, avatar = render(portrait, speech, preset, overrides)
     photo_image = cv2.imread(str(EXAMPLE)) if name == "example" else _as_bgr(portrait)
     measurer.reset()
     photo = measurer.landmarks(photo_image)
     if photo is None:
         raise SystemExit(f"no face in {portrait}")
+    still = Avatar.prepare(portrait, preset=preset, overrides=[*overrides, "motion.head_scale=0"])
+    measurer.reset()
+    rest = measurer.landmarks(still.idle_painter()(0, 0.0))   # the face at rest, the head in the photo's pose
     measurer.reset()
     points = quality.stack_landmarks([measurer.landmarks(frame) for frame in frames])
     audio, rate = quality.read_audio(speech)
@@ -319,7 +329,7 @@ def measure(name: str, portrait: Path, preset: str, out: Path, measurer: quality
         "rounding": rounding_report(geometry["width"], under),
         "teeth": teeth_report(frames, points, under, photo_image, photo),
         "blinks": blinks,
-        "head": head_report(points, photo, under),
+        "head": head_report(points, rest, photo, under),
         "lipsync": quality.lipsync_report(points, events, audio, rate, FPS),
     }
     cv2.imwrite(str(out / f"contact_{name}.png"), contact_sheet(frames, points, under, blinks["blinks"], photo))
@@ -340,13 +350,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("face-report"), help="folder for the JSON and the sheets")
     parser.add_argument("--preset", default="balanced")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a preset value for these renders, as `talkstream render --set` takes it")
     parser.add_argument("--portraits", default="example,grey,grey3,rgba,deep,tilted",
                         help="comma-separated: example, grey, grey3, rgba, deep, tilted")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     measurer = quality.FaceMeasurer()
     portraits = derived_portraits(args.out / "portraits", args.portraits.split(","))
-    report = {name: measure(name, path, args.preset, args.out, measurer) for name, path in portraits.items()}
+    report = {name: measure(name, path, args.preset, args.out, measurer, args.overrides)
+              for name, path in portraits.items()}
     (args.out / "face_report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     for name, figures in report.items():
         r, t, h = figures["rounding"], figures["teeth"], figures["head"]

@@ -69,7 +69,7 @@ class EmbeddedBackend:
     def motion_model(self) -> EmbeddedMotion:
         return EmbeddedMotion(fps=self.preset.video.frame_rate, sample_rate_hz=FEATURE_RATE_HZ,
                               lookahead_ms=self.preset.motion.lookahead_ms, seed=self.settings.seed,
-                              still=self.settings.still)
+                              head_scale=self._head_scale)
 
     def render_stage(self, *, with_landmarks: bool) -> RenderStage:
         """The warp renderer knows the 68 points each crop shows."""
@@ -80,7 +80,7 @@ class EmbeddedBackend:
     def idle_painter(self, compose: ComposeStage, seed: int, *,
                      with_landmarks: bool) -> Callable[[int, float], np.ndarray]:
         """Blinks and the head's sway at rest, made just in time."""
-        motion = IdleMotion(fps=self.preset.video.frame_rate, seed=seed, still=self.settings.still)
+        motion = IdleMotion(fps=self.preset.video.frame_rate, seed=seed, head_scale=self._head_scale)
         landmarks = self.renderer.landmarks_for if with_landmarks else None
 
         def paint(index: int, time_s: float) -> np.ndarray:
@@ -90,6 +90,10 @@ class EmbeddedBackend:
             return compose.compose_batch([crop])[0].image
 
         return paint
+
+    @property
+    def _head_scale(self) -> float:
+        return 0.0 if self.settings.still else self.preset.motion.head_scale
 
     def landmark_locator(self) -> None:
         return None

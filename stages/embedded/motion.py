@@ -64,6 +64,7 @@ class BlinkSchedule:
         self.rng = rng
         self.next_start_s = float(rng.uniform(*self.INTERVAL_S))
         self.current_start_s = -math.inf
+        self.last_start_s = 0.0       # the phrase-end rule's gap counts from the stream's start too
         self.phases = self._phases()
         self.waited = 0
         self.loud_until_s = -math.inf
@@ -78,7 +79,7 @@ class BlinkSchedule:
         if speech >= 0.4:
             self.loud_until_s = time_s
         elif (speech < 0.1 and 0.0 < time_s - self.loud_until_s < 0.1
-              and time_s - self.current_start_s > self.MIN_GAP_S and self.next_start_s - time_s > 0.5
+              and time_s - self.last_start_s > self.MIN_GAP_S and self.next_start_s - time_s > 0.5
               and self.rng.random() < self.PHRASE_END_CHANCE):
             self.next_start_s = time_s + float(self.rng.uniform(0.05, 0.2))
             self.loud_until_s = -math.inf
@@ -87,7 +88,8 @@ class BlinkSchedule:
                 self.next_start_s += float(self.rng.uniform(*self.WAIT_S))
                 self.waited += 1
                 continue
-            self.current_start_s, self.waited = self.next_start_s, 0
+            self.current_start_s = self.last_start_s = self.next_start_s
+            self.waited = 0
             self.phases = self._phases()
             self.next_start_s += sum(self.phases) + float(self.rng.uniform(*self.INTERVAL_S))
         close_s, hold_s, open_s = self.phases
@@ -102,46 +104,92 @@ class BlinkSchedule:
         return 0.0
 
 
-class HeadSway:
-    """Slow sums of seeded sinusoids, scaled by a twice-smoothed speech envelope: alive at rest, livelier in speech.
+class HeadMotion:
+    """The head, driven by the speech: nods on stressed syllables and at the start of a phrase, a slow turn and tilt
+    while talking, and back to the photo's pose in the silences (a faint sway stays: the face is alive at rest).
 
-    Periods of 2.5–8 s and a 0.6 s envelope keep frame-to-frame second differences around 1e-4 IOD.
+    A nod is a kick to a critically damped spring on the head's vertical shift (the head dips and comes back in about
+    0.4 s); a syllable counts as stressed when its loudness jumps well above the running level. The turn and tilt are
+    seeded drifts (2.5-8 s periods) scaled by the envelope of talking, which rises in 0.5 s and falls in 0.3 s. Every
+    amplitude is multiplied by `scale` (the preset's `motion.head_scale`; 0 keeps the photo's pose).
     """
 
-    ROLL_DEG = (0.35, 1.3)    # amplitude at rest, extra at full speech
-    SHIFT_IOD = (0.006, 0.016)
-    ENVELOPE_TAU_S = 0.6
+    NOD_IOD = 0.1              # a full-strength kick (the dip it gives peaks at about 0.22 of this)
+    PHRASE_NOD_IOD = 0.14      # a phrase's first syllable nods harder
+    NOD_HZ = 2.2               # the springs' natural frequency: a nod is over in about 0.4 s
+    STRESS_JUMP = 0.2          # loudness over the running level that makes a syllable stressed
+    NOD_GAP_S = 0.25           # at most one nod this often
+    PAUSE_S = 0.3              # silence that ends a phrase
+    TURN_IOD, TILT_DEG = 0.04, 2.5     # drifts at full envelope
+    REST_TURN_IOD, REST_TILT_DEG = 0.0015, 0.08  # the sway at rest
+    RISE_S, FALL_S = 0.5, 0.3
+    TALKING = 0.3              # speech activity from which the drifts take their full amplitude
+    LEVEL_S = 0.3              # the running loudness a stress is measured against
 
-    def __init__(self, rng: np.random.Generator, frame_s: float) -> None:
+    def __init__(self, rng: np.random.Generator, frame_s: float, scale: float = 1.0) -> None:
+        self.frame_s = frame_s
+        self.scale = scale
         self.freqs_hz = rng.uniform(0.12, 0.4, size=(3, 2))
         self.phases = rng.uniform(0.0, 2.0 * math.pi, size=(3, 2))
-        self.alpha = 1.0 - math.exp(-frame_s / self.ENVELOPE_TAU_S)
-        self.stage1 = 0.0
-        self.envelope = 0.0
+        self.rise = 1.0 - math.exp(-frame_s / self.RISE_S)
+        self.fall = 1.0 - math.exp(-frame_s / self.FALL_S)
+        self.level_alpha = 1.0 - math.exp(-frame_s / self.LEVEL_S)
+        self.stage1 = self.envelope = self.level = 0.0
+        self.nod = self.nod_speed = self.drive = self.drive_speed = 0.0
+        self.last_nod_s = -math.inf
+        self.quiet_s = math.inf
 
     def pose(self, time_s: float, speech: float) -> tuple[float, float, float]:
-        """(roll °, dx IOD, dy IOD) at `time_s` given this frame's speech activity 0..1."""
-        self.stage1 += self.alpha * (speech - self.stage1)
-        self.envelope += self.alpha * (self.stage1 - self.envelope)
+        """(roll °, dx IOD, dy IOD) at `time_s` given this frame's speech activity 0..1 (frames in order)."""
+        if not self.scale:
+            return 0.0, 0.0, 0.0
+        self._kick(time_s, speech)
+        # A kick moves a spring whose position the head's own spring follows: the nod starts and ends softly.
+        omega = 2.0 * math.pi * self.NOD_HZ
+        self.drive, self.drive_speed = _spring(self.drive, self.drive_speed, 0.0, omega, self.frame_s)
+        self.nod, self.nod_speed = _spring(self.nod, self.nod_speed, self.drive, omega, self.frame_s)
+        talking = min(1.0, speech / self.TALKING)
+        for stage in ("stage1", "envelope"):
+            source = talking if stage == "stage1" else self.stage1
+            current = getattr(self, stage)
+            setattr(self, stage, current + (self.rise if source > current else self.fall) * (source - current))
         waves = np.sin(2.0 * math.pi * self.freqs_hz * time_s + self.phases) @ np.array([0.6, 0.4])
-        roll = (self.ROLL_DEG[0] + self.ROLL_DEG[1] * self.envelope) * float(waves[0])
-        shift = self.SHIFT_IOD[0] + self.SHIFT_IOD[1] * self.envelope
-        return roll, shift * float(waves[1]), shift * float(waves[2])
+        tilt = self.REST_TILT_DEG + self.TILT_DEG * self.envelope
+        turn = self.REST_TURN_IOD + self.TURN_IOD * self.envelope
+        return (self.scale * tilt * float(waves[0]), self.scale * turn * float(waves[1]),
+                self.scale * (self.nod + 0.5 * turn * float(waves[2])))
+
+    def _kick(self, time_s: float, speech: float) -> None:
+        phrase_start = speech > 0.4 and self.quiet_s >= self.PAUSE_S
+        self.quiet_s = self.quiet_s + self.frame_s if speech < 0.1 else 0.0
+        stressed = speech > 0.5 and speech - self.level > self.STRESS_JUMP
+        self.level += self.level_alpha * (speech - self.level)
+        if (phrase_start or stressed) and time_s - self.last_nod_s >= self.NOD_GAP_S:
+            strength = self.PHRASE_NOD_IOD if phrase_start else self.NOD_IOD * min(1.0, speech)
+            self.drive_speed += 2.0 * math.pi * self.NOD_HZ * strength
+            self.last_nod_s = time_s
+
+
+def _spring(position: float, speed: float, target: float, omega: float, step: float) -> tuple[float, float]:
+    """One step of a critically damped spring towards `target` (y'' = -w^2 (y - target) - 2 w y'), exact for a
+    target held over the step: smooth and stable at any frame rate."""
+    offset = position - target
+    decay, carry = math.exp(-omega * step), speed + omega * offset
+    return target + (offset + carry * step) * decay, (speed - omega * carry * step) * decay
 
 
 class IdleMotion:
     """The face while nobody speaks in a live session: seeded blinks and the head's slow sway at rest, asked for
     frame by frame at the live clock's media time (never through the speech pipeline)."""
 
-    def __init__(self, *, fps: Fraction | int, seed: int = 0, still: bool = False) -> None:
+    def __init__(self, *, fps: Fraction | int, seed: int = 0, head_scale: float = 1.0) -> None:
         rng = np.random.default_rng(seed)
         self.blinks = BlinkSchedule(np.random.default_rng(rng.integers(2**63)))
-        self.head = HeadSway(np.random.default_rng(rng.integers(2**63)), float(1 / Fraction(fps)))
-        self.still = still
+        self.head = HeadMotion(np.random.default_rng(rng.integers(2**63)), float(1 / Fraction(fps)), head_scale)
 
     def at(self, index: int, time_s: float) -> Expression:
         """The pose of frame `index` at media time `time_s` (times must not decrease between calls)."""
-        roll, dx, dy = (0.0, 0.0, 0.0) if self.still else self.head.pose(time_s, 0.0)
+        roll, dx, dy = self.head.pose(time_s, 0.0)
         return Expression(index, 0.0, 0.0, self.blinks.value(time_s), roll, dx, dy)
 
 
@@ -162,20 +210,19 @@ class EmbeddedMotion:
     REST_APERTURE = 0.005  # below this a relaxing mouth counts as at rest
 
     def __init__(self, *, fps: Fraction | int, sample_rate_hz: int = FEATURE_RATE_HZ, hop_ms: int = 20,
-                 lookahead_ms: int = 40, seed: int = 0, still: bool = False) -> None:
+                 lookahead_ms: int = 40, seed: int = 0, head_scale: float = 1.0) -> None:
         self.clock = FrameClock(Fraction(fps), sample_rate_hz)
         self.hop = self.clock.samples_of_ms(hop_ms)
         self.window = self.clock.samples_of_ms(self.WINDOW_MS)
         self.lookahead = self.clock.samples_of_ms(lookahead_ms)
         if self.lookahead < self.window // 2:
             raise ValueError(f"lookahead_ms={lookahead_ms} is under half the {self.WINDOW_MS} ms analysis window")
-        self.still = still
         self.frame_s = seconds_of_ms(self.clock.frame_ms)
         self.analyser = SpectralAnalyser(sample_rate_hz=sample_rate_hz, window=self.window, lpc_order=self.LPC_ORDER)
         self.normaliser = SpeakerNormaliser()
         rng = np.random.default_rng(seed)
         self.blinks = BlinkSchedule(np.random.default_rng(rng.integers(2**63)))
-        self.head = HeadSway(np.random.default_rng(rng.integers(2**63)), self.frame_s)
+        self.head = HeadMotion(np.random.default_rng(rng.integers(2**63)), self.frame_s, head_scale)
         self.open_alpha = 1.0 - math.exp(-self.frame_s / self.OPEN_TAU_S)
         self.close_alpha = 1.0 - math.exp(-self.frame_s / self.CLOSE_TAU_S)
         self.shape_alpha = 1.0 - math.exp(-self.frame_s / self.SHAPE_TAU_S)
@@ -311,8 +358,6 @@ class EmbeddedMotion:
         centre_s = (self.clock.start(k) + self.clock.start(k + 1)) / 2 / self.clock.rate_hz
         blink = self.blinks.value(centre_s, target.speech)
         roll, dx, dy = self.head.pose(centre_s, target.speech)
-        if self.still:
-            roll = dx = dy = 0.0
         return Expression(k, self.aperture, self.width, blink, roll, dx, dy)
 
     @staticmethod
