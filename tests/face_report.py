@@ -263,22 +263,24 @@ def _polygon_mask(shape: tuple[int, ...], polygon: np.ndarray) -> np.ndarray:
 
 def contact_sheet(frames: Sequence[np.ndarray], points: np.ndarray, under: Sequence[dict | None],
                   blinks: list[dict], photo: np.ndarray) -> np.ndarray:
-    """Rest, "ah", "ee", "oo", "m", the deepest blink and the largest nod, each cut around the face at 2x."""
-    def middle_of(phonemes: tuple[str, ...], kind: str | None = None) -> int | None:
-        best, best_length = None, 0.0
-        for frame, event in enumerate(under):
-            if event is not None and (event["phoneme"] in phonemes or event["class"] == kind):
-                length = event["end_ms"] - event["start_ms"]
-                if length > best_length:
-                    best, best_length = frame, length
-        return best
+    """Rest, "ah", "ee", "oo", "m", the deepest blink and the largest nod, each cut around the face at 2x. A vowel's
+    tile is its clearest frame as dlib reads it (the widest open "ah", the widest "ee", the narrowest open "oo")."""
+    geometry = quality.mouth_geometry(points)
+    aperture, width = np.nan_to_num(geometry["aperture"]), np.nan_to_num(geometry["width"], nan=1.0)
 
+    def frames_of(phonemes: tuple[str, ...]) -> np.ndarray:
+        return np.array([e is not None and e["phoneme"] in phonemes for e in under])
+
+    def best(mask: np.ndarray, score: np.ndarray) -> int | None:
+        return int(np.flatnonzero(mask)[np.argmax(score[mask])]) if mask.any() else None
+
+    resting = np.array([e is not None and e["class"] == "long_pause" for e in under])
     picks = {
-        "rest": middle_of((), "long_pause"),
-        "ah": middle_of(OPEN_PHONEMES),
-        "ee": middle_of(SPREAD_PHONEMES),
-        "oo": middle_of(ROUND_PHONEMES),
-        "m": middle_of(("m",)),
+        "rest": best(resting, -aperture),
+        "ah": best(frames_of(OPEN_PHONEMES), aperture),
+        "ee": best(frames_of(SPREAD_PHONEMES), width),
+        "oo": best(frames_of(ROUND_PHONEMES) & (aperture > 0.04), -width),
+        "m": best(frames_of(("m",)), -aperture),
     }
     if blinks:
         deepest = min(blinks, key=lambda b: b["least_over_open"])

@@ -159,11 +159,13 @@ class MouthPalette:
         region += alpha[:, :, None] * (self._lip.astype(np.float32) * 0.45 - region)
         image[y0:y1, x0:x1] = np.clip(region + 0.5, 0, 255).astype(np.uint8)
 
-    def interior(self, upper: np.ndarray, lower: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    def interior(self, upper: np.ndarray, lower: np.ndarray, box: tuple[int, int, int, int],
+                 teeth: float = 1.0) -> np.ndarray:
         """(h, w, 3) uint8 mouth interior over `box` (x0, y0, x1, y1), from the textures laid along the opening.
 
         The cavity texture spans the opening from lip to lip; the teeth hang from the upper lip at their own
-        height, squeezed when the opening is small so the lower lip never meets them, and fade out in a slit.
+        height, squeezed when the opening is small so the lower lip never meets them, and fade out in a slit;
+        `teeth` (0..1) is how much of their height the lips leave visible.
         """
         x0, y0, x1, y1 = box
         columns = np.arange(x0, x1, dtype=np.float32)
@@ -180,18 +182,18 @@ class MouthPalette:
             depth * ((cavity_rows - 1) / opening), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE,
         )
         teeth_rows, teeth_cols = self._teeth_texture.shape[:2]
-        teeth_height = np.minimum(np.float32(self._teeth_height), 0.6 * opening)
+        teeth_height = np.minimum(np.float32(self._teeth_height * teeth), 0.6 * opening)
         teeth_scale = (teeth_cols - 1) / (2.0 * self._teeth_half_width)
         teeth_across = from_centre * teeth_scale + (teeth_cols - 1) / 2.0
-        teeth = cv2.remap(
+        teeth_rgba = cv2.remap(
             self._teeth_texture, np.repeat(teeth_across.astype(np.float32, copy=False)[None], y1 - y0, axis=0),
             (depth + 1.0) * ((teeth_rows - 2) / (teeth_height + 1.0)), cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_CONSTANT, borderValue=0,
         )
         # A narrow opening is a dark slit: the lips shade the teeth until it is wide enough to light them.
         lit = smoothstep(TEETH_SHOW_IOD[0] * self._iod, TEETH_SHOW_IOD[1] * self._iod, opening).astype(np.float32)
-        cover = teeth[:, :, 3].astype(np.float32) * (lit * np.float32(1.0 / 255.0))
-        return cv2.blendLinear(np.ascontiguousarray(teeth[:, :, :3]), cavity, cover, 1.0 - cover)
+        cover = teeth_rgba[:, :, 3].astype(np.float32) * (lit * np.float32(1.0 / 255.0))
+        return cv2.blendLinear(np.ascontiguousarray(teeth_rgba[:, :, :3]), cavity, cover, 1.0 - cover)
 
 
 def _teeth_texture(profile: np.ndarray, rows: int = 12) -> np.ndarray:

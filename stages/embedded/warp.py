@@ -76,13 +76,20 @@ SPREAD_MOVES = {
     2: (-0.04, 0.0), 3: (-0.04, 0.0), 13: (0.04, 0.0), 14: (0.04, 0.0),
 }
 
-# Rounding ("oo"), per unit of width *decrease*: corners in, lips pushed forward, which reads as fuller and rounder.
+# Rounding ("oo"), per unit of width *decrease*: the corners drawn in (the inner ones further, so the opening becomes
+# a small oval), both lips pushed forward, which from the front reads as fuller lips: the upper lip's outline rises,
+# the lower one's drops. A smiling portrait's corners also come down to the lips' middle (see `_round_basis`).
 ROUND_MOVES = {
-    48: (0.5, 0.0), 54: (-0.5, 0.0), 60: (0.45, 0.0), 64: (-0.45, 0.0),
-    49: (0.32, -0.15), 53: (-0.32, -0.15), 59: (0.32, 0.15), 55: (-0.32, 0.15),
-    50: (0.15, -0.25), 51: (0.0, -0.25), 52: (-0.15, -0.25), 58: (0.15, 0.25), 57: (0.0, 0.25), 56: (-0.15, 0.25),
-    61: (0.25, 0.0), 63: (-0.25, 0.0), 67: (0.25, 0.0), 65: (-0.25, 0.0),
+    48: (0.6, 0.0), 54: (-0.6, 0.0), 60: (0.65, 0.0), 64: (-0.65, 0.0),
+    49: (0.35, -0.2), 53: (-0.35, -0.2), 59: (0.35, 0.2), 55: (-0.35, 0.2),
+    50: (0.15, -0.3), 51: (0.0, -0.3), 52: (-0.15, -0.3), 58: (0.15, 0.3), 57: (0.0, 0.3), 56: (-0.15, 0.3),
+    61: (0.35, 0.0), 63: (-0.35, 0.0), 67: (0.35, 0.0), 65: (-0.35, 0.0),
 }
+# How much of a smile's lift of the corners a full rounding (0.16 IOD of drawn width; an /u/ draws about 0.11) takes
+# away.
+ROUND_UNSMILE = 0.9
+ROUND_FULL_IOD = 0.16
+ROUNDED_TEETH_HIDDEN = 0.8   # the share of the teeth fully rounded lips hide
 
 # Commanded -> drawn geometry, calibrated so that dlib's 68 points on the output read the commanded values (a
 # sweep on the astronaut; tests/test_render.py checks it). dlib reads a slit of dark cavity as a wider opening
@@ -126,7 +133,7 @@ class WarpRenderer:
         count = len(self._control)
         self._open_basis = self._basis(OPEN_MOVES, count)
         self._spread_basis = self._basis(SPREAD_MOVES, count)
-        self._round_basis = self._basis(ROUND_MOVES, count)
+        self._round_basis = self._basis(ROUND_MOVES, count) + self._unsmile(closed, count)
         self._blink_basis = self._lid_basis(closed, count)
 
         self._step = max(1, math.ceil(max(height, width) / MAX_NODES_PER_SIDE))
@@ -200,7 +207,8 @@ class WarpRenderer:
             self._remap(out, shift, box)
             # Only the inner lips (points 60..67) are needed to paint the mouth, which never opens without a mouth
             # box.
-            self._paint_mouth(out, self._moved_points(slice(60, 68), aperture, width, 0.0, head))
+            self._paint_mouth(out, self._moved_points(slice(60, 68), aperture, width, 0.0, head),
+                              rounding=min(max(-width / ROUND_FULL_IOD, 0.0), 1.0))
         if blink:
             eyes = self._moved_points(slice(36, 48), 0.0, 0.0, 0.0, head)
             for upper, lower in ((LEFT_EYE_UPPER, LEFT_EYE_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER)):
@@ -227,6 +235,17 @@ class WarpRenderer:
             middle = (closed[upper] + closed[lower]) / 2.0
             closed[upper], closed[lower] = middle - half_gap, middle + half_gap
         return closed
+
+    def _unsmile(self, closed: np.ndarray, count: int) -> np.ndarray:
+        """Per unit of rounding, the corners' move down to the height of the lips' middle: rounded lips do not smile.
+        Nothing for a portrait whose corners are not raised."""
+        middle = (closed[62] + closed[66]) / 2.0
+        basis = np.zeros((count, 2))
+        for corner in (48, 54, 60, 64):
+            lift = float(np.dot(middle - closed[corner], self._down))  # > 0: the corner sits above the middle
+            if lift > 0.0:
+                basis[corner] = (ROUND_UNSMILE / ROUND_FULL_IOD) * lift * self._down
+        return basis
 
     def _basis(self, moves: dict[int, tuple[float, float]], count: int) -> np.ndarray:
         """Pixel displacement of each of `count` control points per 1.0 IOD of command."""
@@ -473,8 +492,9 @@ class WarpRenderer:
         shade = np.clip((rows - skin_now) / lashes, 0.0, 1.0) * cover * np.float32(LASH_SHADE * blink)
         cv2.blendLinear(lid, region, cover - shade, 1.0 - cover, dst=region)
 
-    def _paint_mouth(self, out: np.ndarray, lips: np.ndarray) -> None:
-        """Paint cavity, teeth and tongue inside the moved inner-lip polygon (lips = points 60..67)."""
+    def _paint_mouth(self, out: np.ndarray, lips: np.ndarray, rounding: float) -> None:
+        """Paint cavity, teeth and tongue inside the moved inner-lip polygon (lips = points 60..67); rounded lips
+        (`rounding` 0..1) hide most of the teeth."""
         # Plain floats: a handful of numbers is far cheaper in Python than in numpy calls.
         points = lips.tolist()
         gap = sum(math.dist(points[upper], points[lower]) for upper, lower in ((1, 7), (2, 6), (3, 5))) / 3.0
@@ -494,7 +514,7 @@ class WarpRenderer:
         corner = np.array((x0, y0), dtype=np.float64)
         cv2.fillPoly(coverage, [np.rint((polygon - corner) * 8).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=3)
         alpha = np.multiply(cv2.GaussianBlur(coverage, (3, 3), 0.6), np.float32(1.0 / 255.0), dtype=np.float32)
-        interior = self._palette.interior(upper, lower, (x0, y0, x1, y1))
+        interior = self._palette.interior(upper, lower, (x0, y0, x1, y1), teeth=1.0 - ROUNDED_TEETH_HIDDEN * rounding)
         region = out[y0:y1, x0:x1]
         cv2.blendLinear(interior, region, alpha, 1.0 - alpha, dst=region)
 
