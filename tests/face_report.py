@@ -154,8 +154,8 @@ def eye_opening(points: np.ndarray) -> np.ndarray:
 
 def blink_report(points: np.ndarray) -> dict:
     """Blinks are runs of frames whose eye opening is under 85 % of the open eye's (its median). Each is measured
-    against the eye in the eight frames before it: its least opening, and the five frames after the first open
-    one."""
+    against the eye in the eight frames that end two frames before it: its least opening, and the eight frames
+    from two frames after it (a reopening lid's last percent aside)."""
     opening = eye_opening(points)
     open_level = float(np.nanmedian(opening))
     shut = opening < 0.85 * open_level
@@ -168,13 +168,13 @@ def blink_report(points: np.ndarray) -> dict:
         end = frame
         while end < len(shut) and shut[end]:
             end += 1
-        before = opening[max(frame - 8, 0):frame]
-        if end + 6 < len(shut) and len(before):  # a blink the clip cuts off is not measured
+        before, after = opening[max(frame - 10, 0):max(frame - 2, 0)], opening[end + 2:end + 10]
+        if len(after) == 8 and len(before):  # a blink the clip cuts off is not measured
             # Against the eye just before it: the open eye's reading moves a little with the head and the mouth.
             level = float(np.nanmedian(before))
             blinks.append({"first_frame": frame, "frames": end - frame,
                            "least_over_open": float(np.nanmin(opening[frame:end]) / level),
-                           "after_over_open": float(np.nanmedian(opening[end + 1:end + 6]) / level)})
+                           "after_over_open": float(np.nanmedian(after) / level)})
         frame = end
     return {"open_eye_ratio": open_level, "blinks": blinks}
 

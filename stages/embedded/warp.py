@@ -48,7 +48,7 @@ LID_MEET = 0.8
 # The skin above the upper lid's edge that becomes the closing lid, as a fraction of the eye's opening.
 LID_SKIN = 0.6
 LID_TRAVEL = 1.0   # how far a shut lid's edge travels, in eye openings: onto the lower lid
-LASH_LINE = 0.55  # the upper lashes and their shadow, as a fraction of the eye's opening: they move, never stretch
+LASH_LINE = 0.65  # the upper lashes and their shadow, as a fraction of the eye's opening: they move, never stretch
 CLEAN_SKIN = 1.0  # the share of the lid's skin, from the crease down, that is free of lashes
 LASH_SHADE = 0.35  # how much darker a shut eye's lash line is than the open eye's
 LEFT_EYE_UPPER, LEFT_EYE_LOWER = (36, 37, 38, 39), (36, 41, 40, 39)
@@ -89,6 +89,7 @@ ROUND_MOVES = {
 # away.
 ROUND_UNSMILE = 0.9
 ROUND_FULL_IOD = 0.16
+ROUND_OPENING_IOD = 0.1      # the drawn opening from which a rounding unsmiles in full
 ROUNDED_TEETH_HIDDEN = 0.8   # the share of the teeth fully rounded lips hide
 
 # Commanded -> drawn geometry, calibrated so that dlib's 68 points on the output read the commanded values (a
@@ -133,7 +134,8 @@ class WarpRenderer:
         count = len(self._control)
         self._open_basis = self._basis(OPEN_MOVES, count)
         self._spread_basis = self._basis(SPREAD_MOVES, count)
-        self._round_basis = self._basis(ROUND_MOVES, count) + self._unsmile(closed, count)
+        self._round_basis = self._basis(ROUND_MOVES, count)
+        self._unsmile_basis = self._unsmile(closed, count)
         self._blink_basis = self._lid_basis(closed, count)
 
         self._step = max(1, math.ceil(max(height, width) / MAX_NODES_PER_SIDE))
@@ -237,8 +239,8 @@ class WarpRenderer:
         return closed
 
     def _unsmile(self, closed: np.ndarray, count: int) -> np.ndarray:
-        """Per unit of rounding, the corners' move down to the height of the lips' middle: rounded lips do not smile.
-        Nothing for a portrait whose corners are not raised."""
+        """Per unit of rounding an open mouth, the corners' move down to the height of the lips' middle: an "oo" does
+        not smile (closed lips may: a smile's corners pulled in reads as a pout). Nothing for corners not raised."""
         middle = (closed[62] + closed[66]) / 2.0
         basis = np.zeros((count, 2))
         for corner in (48, 54, 60, 64):
@@ -345,6 +347,7 @@ class WarpRenderer:
             moved += width * self._spread_basis
         elif width < 0:
             moved -= width * self._round_basis
+            moved -= width * _opening(aperture) * self._unsmile_basis
         if blink:
             moved += blink * self._blink_basis
         return moved
@@ -371,6 +374,7 @@ class WarpRenderer:
             moves.append((width, self._spread_basis))
         elif width < 0:
             moves.append((-width, self._round_basis))
+            moves.append((-width * _opening(aperture), self._unsmile_basis))
         if blink:
             moves.append((blink, self._blink_basis))
         points = self._control[rows].tolist()
@@ -677,6 +681,11 @@ def _mouth_command(aperture: float, width: float) -> Expression:
     """The command that draws this aperture and width change (the calibration inverted)."""
     commanded = float(np.interp(aperture, APERTURE_DRAWN, APERTURE_COMMANDED))
     return Expression(0, aperture=commanded, width=width / WIDTH_GAIN)
+
+
+def _opening(aperture: float) -> float:
+    """How open the lips are for the rounding's unsmiling (0 closed .. 1 from an "oo"'s usual opening up)."""
+    return min(aperture / ROUND_OPENING_IOD, 1.0)
 
 
 def _clamped_mouth(expression: Expression) -> tuple[float, float]:
