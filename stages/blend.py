@@ -229,14 +229,18 @@ class ComposeStage(Stage):
     def process(self, batch: list[FaceCrop]) -> list[VideoFrame]:
         return self.compose_batch(batch)
 
-    def compose(self, crop: np.ndarray) -> np.ndarray:
+    def compose(self, item: FaceCrop) -> np.ndarray:
+        crop = item.crop
         x0, y0, x1, y1 = self.blender.roi
         if crop.shape[1] != x1 - x0 or crop.shape[0] != y1 - y0:
             crop = cv2.resize(crop, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-        return self.blender.blend(crop)
+        frame = self.blender.blend(crop)
+        if item.touch is not None:
+            item.touch(frame[y0:y1, x0:x1], (x1 - x0) / item.crop.shape[1], (y1 - y0) / item.crop.shape[0])
+        return frame
 
     def compose_batch(self, batch: list[FaceCrop]) -> list[VideoFrame]:
-        images = [self.compose(item.crop) for item in batch]
+        images = [self.compose(item) for item in batch]
         if self.enhancer is not None:
             self.enhancer.enhance_batch(images, [self._in_frame(item) for item in batch])
         return [VideoFrame(item.index, image, changed=self.blender.roi) for item, image in zip(batch, images)]

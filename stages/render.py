@@ -13,9 +13,12 @@ from stream.pipeline import Stage
 
 
 class BatchRenderer(Protocol):
-    """What the render stage drives: a backend's poses in, face crops (BGR uint8) out, one per pose."""
+    """What the render stage drives: a backend's poses in, face crops (BGR uint8) out, one per pose, and for each
+    pose what to draw again at the frame's resolution when the crop is scaled up (see `FaceCrop.touch`)."""
 
     def render_batch(self, poses: Sequence[Any]) -> list[np.ndarray]: ...
+
+    def touch_for(self, pose: Any) -> Callable[[np.ndarray, float, float], None] | None: ...
 
 
 class RenderStage(Stage):
@@ -35,5 +38,6 @@ class RenderStage(Stage):
     def process(self, batch: list[Motion]) -> list[FaceCrop]:
         crops = self.renderer.render_batch([motion.pose for motion in batch])
         points = self.landmarks
-        return [FaceCrop(motion.index, crop, None if points is None else points(motion.pose))
+        return [FaceCrop(motion.index, crop, None if points is None else points(motion.pose),
+                         self.renderer.touch_for(motion.pose))
                 for motion, crop in zip(batch, crops, strict=True)]

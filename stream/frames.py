@@ -7,6 +7,7 @@ by the frame's index, so audio and video stay aligned whatever the stages batch 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -51,6 +52,9 @@ class FaceCrop:
     index: int
     crop: np.ndarray      # (h, w, 3) uint8 BGR
     landmarks: np.ndarray | None = None  # (68, 2) float32 points the crop shows, crop pixels, when asked for
+    # What the renderer draws again once the crop is scaled up into the frame, at the frame's resolution (fine edges
+    # a crop-sized drawing would lose): called with the frame's ROI (a view) and the crop-to-ROI scale (x, y).
+    touch: Callable[[np.ndarray, float, float], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

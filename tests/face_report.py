@@ -79,6 +79,7 @@ def derived_portraits(folder: Path, names: Sequence[str]) -> dict[str, Path]:
         "rgba": lambda: np.dstack([colour, np.full(colour.shape[:2], 255, np.uint8)]),
         "deep": lambda: colour.astype(np.uint16) * 257,              # 16 bits a channel
         "tilted": lambda: _tilted(colour, TILT_DEG),
+        "large": lambda: cv2.resize(colour, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC),  # 1024x1024
     }
     paths = {}
     for name in names:
@@ -211,7 +212,8 @@ def _mouth_box(points: np.ndarray, outer: bool) -> np.ndarray:
 
 def teeth_report(frames: Sequence[np.ndarray], points: np.ndarray, under: Sequence[dict | None],
                  photo_image: np.ndarray, photo: np.ndarray) -> dict:
-    """The bright band's height at the mouth's middle in open frames against the photo's (IOD), and the share of
+    """The upper teeth's height (the first bright run down the mouth's middle columns) in open frames against the
+    photo's (IOD), and the share of
     pixels between closed lips in silence that are nearly as bright as the photo's teeth."""
     def band_height(image: np.ndarray, pts: np.ndarray) -> float:
         grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
@@ -221,8 +223,13 @@ def teeth_report(frames: Sequence[np.ndarray], points: np.ndarray, under: Sequen
             return 0.0
         bright = inside & (grey > np.median(grey[lips]) + 40.0)
         middle = int(round((pts[62, 0] + pts[66, 0]) / 2.0))
-        columns = bright[:, max(middle - 3, 0):middle + 4]
-        return float(columns.sum(axis=0).max())
+        heights = []
+        for column in bright[:, max(middle - 3, 0):middle + 4].T:   # the upper teeth: the first bright run
+            lit = np.flatnonzero(column)
+            if len(lit):
+                breaks = np.flatnonzero(np.diff(lit) > 1)
+                heights.append(float((breaks[0] + 1) if len(breaks) else len(lit)))
+        return max(heights, default=0.0)
 
     iod = float(np.linalg.norm(photo[45] - photo[36]))
     photo_band = band_height(photo_image, photo) / iod
@@ -312,7 +319,7 @@ def measure(name: str, portrait: Path, preset: str, out: Path, measurer: quality
             overrides: Sequence[str] = ()) -> dict:
     speech, events = speech_with_silence(out)
     frames, avatar = render(portrait, speech, preset, overrides)
-    photo_image = cv2.imread(str(EXAMPLE)) if name == "example" else _as_bgr(portrait)
+    photo_image = _as_bgr(portrait)
     measurer.reset()
     photo = measurer.landmarks(photo_image)
     if photo is None:
@@ -354,8 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default="balanced")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a preset value for these renders, as `talkstream render --set` takes it")
-    parser.add_argument("--portraits", default="example,grey,grey3,rgba,deep,tilted",
-                        help="comma-separated: example, grey, grey3, rgba, deep, tilted")
+    parser.add_argument("--portraits", default="example,grey,grey3,rgba,deep,tilted,large",
+                        help="comma-separated: example, grey, grey3, rgba, deep, tilted, large")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     measurer = quality.FaceMeasurer()

@@ -16,6 +16,10 @@ LOWER_INNER = (67, 66, 65)  # paired with UPPER_INNER, as the aperture measure p
 UPPER_INNER_CHAIN = (60, 61, 62, 63, 64)
 LOWER_INNER_CHAIN = (60, 67, 66, 65, 64)
 TEETH_SHOW_IOD = (0.03, 0.08)  # drawn openings over which the painted teeth fade in
+LOWER_TEETH_IOD = (0.22, 0.32)  # openings over which the lower teeth come into view
+LOWER_TEETH_HEIGHT = 0.4        # as tall as this share of the upper teeth
+LOWER_TEETH_LIGHT = 0.85        # in the jaw's shadow
+LOWER_TEETH_WIDTH = 0.7         # the front teeth of the narrower lower jaw: this share of the upper row's width
 SEAM_CLEAR_IOD = 0.04  # how far either side of the closed lips' seam nothing may look like teeth
 COLOURLESS_CHROMA = 4.0  # mean channel spread (levels) under which a mouth counts as greyscale
 
@@ -65,7 +69,7 @@ class MouthPalette:
         if self._colourless:
             profile, self._lip = _grey(profile), _grey(self._lip)
         self._teeth_texture = _teeth_texture(profile)
-        self._cavity_texture = _cavity_texture(self._lip, profile.mean(axis=0))
+        self._cavity_texture = _cavity_texture(self._lip)
         if self._colourless:
             self._cavity_texture = _grey(self._cavity_texture).astype(np.uint8)
 
@@ -160,40 +164,62 @@ class MouthPalette:
         image[y0:y1, x0:x1] = np.clip(region + 0.5, 0, 255).astype(np.uint8)
 
     def interior(self, upper: np.ndarray, lower: np.ndarray, box: tuple[int, int, int, int],
-                 teeth: float = 1.0) -> np.ndarray:
-        """(h, w, 3) uint8 mouth interior over `box` (x0, y0, x1, y1), from the textures laid along the opening.
+                 teeth: float = 1.0, scale: float = 1.0) -> np.ndarray:
+        """(h, w, 3) uint8 mouth interior over `box` (x0, y0, x1, y1), from the textures laid along the opening;
+        `scale`: the pixels' size against the crop's the palette was made from.
 
-        The cavity texture spans the opening from lip to lip; the teeth hang from the upper lip at their own
+        The cavity texture spans the opening from lip to lip; the upper teeth hang from the upper lip at their own
         height, squeezed when the opening is small so the lower lip never meets them, and fade out in a slit;
-        `teeth` (0..1) is how much of their height the lips leave visible.
+        `teeth` (0..1) is how much of their height the lips leave visible. A wide-open jaw shows the lower teeth
+        above the lower lip, in shadow.
         """
         x0, y0, x1, y1 = box
+        iod = self._iod * scale
         columns = np.arange(x0, x1, dtype=np.float32)
         top = curve_y(upper, columns)
-        opening = np.maximum(curve_y(lower, columns) - top, np.float32(0.5))
+        bottom = curve_y(lower, columns)
+        opening = np.maximum(bottom - top, np.float32(0.5))
         centre_x = np.float32(0.5 * (upper[0, 0] + upper[-1, 0]))
         half_width = np.float32(max(0.5 * abs(upper[-1, 0] - upper[0, 0]), 1.0))
-        depth = np.arange(y0, y1, dtype=np.float32)[:, None] - top
+        rows = np.arange(y0, y1, dtype=np.float32)[:, None]
+        depth = rows - top
         from_centre = columns - centre_x
         cavity_rows, cavity_cols = self._cavity_texture.shape[:2]
         across = from_centre * ((cavity_cols - 1) / (2.0 * half_width)) + (cavity_cols - 1) / 2.0
-        cavity = cv2.remap(
-            self._cavity_texture, np.repeat(across.astype(np.float32, copy=False)[None], y1 - y0, axis=0),
-            depth * ((cavity_rows - 1) / opening), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE,
-        )
-        teeth_rows, teeth_cols = self._teeth_texture.shape[:2]
-        teeth_height = np.minimum(np.float32(self._teeth_height * teeth), 0.6 * opening)
-        teeth_scale = (teeth_cols - 1) / (2.0 * self._teeth_half_width)
-        teeth_across = from_centre * teeth_scale + (teeth_cols - 1) / 2.0
-        teeth_rgba = cv2.remap(
-            self._teeth_texture, np.repeat(teeth_across.astype(np.float32, copy=False)[None], y1 - y0, axis=0),
-            (depth + 1.0) * ((teeth_rows - 2) / (teeth_height + 1.0)), cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT, borderValue=0,
-        )
+        across_rows = np.repeat(across.astype(np.float32, copy=False)[None], y1 - y0, axis=0)
+        cavity = cv2.remap(self._cavity_texture, across_rows, depth * ((cavity_rows - 1) / opening), cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REPLICATE)
         # A narrow opening is a dark slit: the lips shade the teeth until it is wide enough to light them.
-        lit = smoothstep(TEETH_SHOW_IOD[0] * self._iod, TEETH_SHOW_IOD[1] * self._iod, opening).astype(np.float32)
-        cover = teeth_rgba[:, :, 3].astype(np.float32) * (lit * np.float32(1.0 / 255.0))
-        return cv2.blendLinear(np.ascontiguousarray(teeth_rgba[:, :, :3]), cavity, cover, 1.0 - cover)
+        lit = smoothstep(TEETH_SHOW_IOD[0] * iod, TEETH_SHOW_IOD[1] * iod, opening).astype(np.float32)
+        upper_height = np.minimum(np.float32(self._teeth_height * scale * teeth), 0.6 * opening)
+        out = self._teeth_over(cavity, self._teeth_columns(from_centre, scale, y1 - y0), depth, upper_height, lit)
+        # The lower teeth rise from the lower lip once the jaw drops far enough: the front ones, half as tall, in
+        # the jaw's shadow.
+        lower_show = smoothstep(LOWER_TEETH_IOD[0] * iod, LOWER_TEETH_IOD[1] * iod, opening).astype(np.float32)
+        if lower_show.any():
+            lower_height = np.float32(LOWER_TEETH_HEIGHT * self._teeth_height * scale * teeth) * lower_show
+            out = self._teeth_over(out, self._teeth_columns(from_centre, scale * LOWER_TEETH_WIDTH, y1 - y0),
+                                   bottom - rows, lower_height, lower_show, shade=LOWER_TEETH_LIGHT)
+        return out
+
+    def _teeth_columns(self, from_centre: np.ndarray, scale: float, rows: int) -> np.ndarray:
+        """The teeth texture's column for each pixel column (`from_centre`: px from the mouth's middle), `scale`
+        times as wide as the crop's teeth; repeated down `rows` rows."""
+        columns = self._teeth_texture.shape[1] - 1
+        across = from_centre * (columns / (2.0 * self._teeth_half_width * scale)) + columns / 2.0
+        return np.repeat(across.astype(np.float32, copy=False)[None], rows, axis=0)
+
+    def _teeth_over(self, under: np.ndarray, across: np.ndarray, depth: np.ndarray, height: np.ndarray,
+                    cover: np.ndarray, shade: float = 1.0) -> np.ndarray:
+        """`under` with a row of teeth laid over it: `depth` (px) runs from the gum line into the mouth, `height`
+        (px, per column) is how far the teeth reach, `cover` (per column) how much they show."""
+        rows = self._teeth_texture.shape[0]
+        down = ((depth + 1.0) * ((rows - 2) / (height + 1.0))).astype(np.float32)
+        teeth = cv2.remap(self._teeth_texture, across, down, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
+        alpha = teeth[:, :, 3].astype(np.float32) * (np.asarray(cover, np.float32) * np.float32(1.0 / 255.0))
+        colour = teeth[:, :, :3] if shade == 1.0 else (teeth[:, :, :3] * np.float32(shade)).astype(np.uint8)
+        return cv2.blendLinear(np.ascontiguousarray(colour), under, alpha, 1.0 - alpha)
 
 
 def _teeth_texture(profile: np.ndarray, rows: int = 12) -> np.ndarray:
@@ -213,9 +239,9 @@ def _teeth_texture(profile: np.ndarray, rows: int = 12) -> np.ndarray:
     return np.clip(texture + 0.5, 0, 255).astype(np.uint8)
 
 
-def _cavity_texture(lip: np.ndarray, teeth: np.ndarray, size: int = 33) -> np.ndarray:
+def _cavity_texture(lip: np.ndarray, size: int = 33) -> np.ndarray:
     """BGR cavity over (fraction of the opening from the upper lip, across the mouth): the lips' red in shadow,
-    darker and browner towards the back, the tongue low in the middle, a dim hint of lower teeth at the bottom."""
+    darker and browner towards the back, the tongue low in the middle."""
     fraction = np.linspace(0.0, 1.0, size)[:, None]
     across = np.linspace(-1.0, 1.0, size)[None, :]
     cross = 1.0 - across**2
@@ -226,8 +252,6 @@ def _cavity_texture(lip: np.ndarray, teeth: np.ndarray, size: int = 33) -> np.nd
     colour = rim + depth[..., None] * (back - rim)
     tongue_weight = np.clip(fraction - 0.6, 0.0, 0.25) * 2.8 * cross
     colour += tongue_weight[..., None] * (tongue - colour)
-    lower_teeth = smoothstep(0.86, 0.95, fraction) * 0.55 * cross
-    colour += lower_teeth[..., None] * (0.7 * teeth - colour)
     return np.clip(colour + 0.5, 0, 255).astype(np.uint8)
 
 

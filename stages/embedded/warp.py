@@ -188,6 +188,21 @@ class WarpRenderer:
     def render_batch(self, expressions: Sequence[Expression]) -> list[np.ndarray]:
         return [self.render(expression) for expression in expressions]
 
+    def touch_for(self, expression: Expression) -> Callable[[np.ndarray, float, float], None] | None:
+        """The open mouth's inside drawn again at the frame's resolution once the crop is scaled up into it (teeth
+        and lip edges stay sharp at any output size); None when the mouth is shut."""
+        aperture, width = _clamped_mouth(expression)
+        if not aperture:
+            return None
+        lips = self._moved_points(slice(60, 68), aperture, width, 0.0, _head_pose(expression, self._iod))
+        rounding = min(max(-width / ROUND_FULL_IOD, 0.0), 1.0)
+
+        def touch(roi: np.ndarray, scale_x: float, scale_y: float) -> None:
+            if max(scale_x, scale_y) > 1.05:  # a crop drawn at the frame's size already has its edges
+                self._paint_mouth(roi, lips * (scale_x, scale_y), rounding, 0.5 * (scale_x + scale_y))
+
+        return touch
+
     def render(self, expression: Expression) -> np.ndarray:
         """A new (h, w, 3) uint8 BGR crop showing `expression`; pixels where `mask` is 0 equal the input crop."""
         out = self._base.copy()
@@ -210,7 +225,7 @@ class WarpRenderer:
             # Only the inner lips (points 60..67) are needed to paint the mouth, which never opens without a mouth
             # box.
             self._paint_mouth(out, self._moved_points(slice(60, 68), aperture, width, 0.0, head),
-                              rounding=min(max(-width / ROUND_FULL_IOD, 0.0), 1.0))
+                              min(max(-width / ROUND_FULL_IOD, 0.0), 1.0))
         if blink:
             eyes = self._moved_points(slice(36, 48), 0.0, 0.0, 0.0, head)
             for upper, lower in ((LEFT_EYE_UPPER, LEFT_EYE_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER)):
@@ -496,13 +511,13 @@ class WarpRenderer:
         shade = np.clip((rows - skin_now) / lashes, 0.0, 1.0) * cover * np.float32(LASH_SHADE * blink)
         cv2.blendLinear(lid, region, cover - shade, 1.0 - cover, dst=region)
 
-    def _paint_mouth(self, out: np.ndarray, lips: np.ndarray, rounding: float) -> None:
-        """Paint cavity, teeth and tongue inside the moved inner-lip polygon (lips = points 60..67); rounded lips
-        (`rounding` 0..1) hide most of the teeth."""
+    def _paint_mouth(self, out: np.ndarray, lips: np.ndarray, rounding: float, scale: float = 1.0) -> None:
+        """Paint cavity, teeth and tongue inside the moved inner-lip polygon (lips = points 60..67, in `out`'s
+        pixels, `scale` times the crop's); rounded lips (`rounding` 0..1) hide most of the teeth."""
         # Plain floats: a handful of numbers is far cheaper in Python than in numpy calls.
         points = lips.tolist()
         gap = sum(math.dist(points[upper], points[lower]) for upper, lower in ((1, 7), (2, 6), (3, 5))) / 3.0
-        if gap < 0.02 * self._iod:
+        if gap < 0.02 * self._iod * scale:
             return
         curves = self._lip_curves @ lips
         count = len(self._curve)
@@ -511,14 +526,14 @@ class WarpRenderer:
         # The ufuncs' own reductions skip the Python wrappers of ndarray.min/max (the curves share their ends).
         (low_x, low_y), (high_x, high_y) = np.minimum.reduce(curves).tolist(), np.maximum.reduce(curves).tolist()
         x0, y0 = max(math.floor(low_x) - 2, 0), max(math.floor(low_y) - 2, 0)
-        x1, y1 = min(math.ceil(high_x) + 3, self._shape[1]), min(math.ceil(high_y) + 3, self._shape[0])
+        x1, y1 = min(math.ceil(high_x) + 3, out.shape[1]), min(math.ceil(high_y) + 3, out.shape[0])
         if x1 - x0 < 2 or y1 - y0 < 2:
             return
         coverage = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
         corner = np.array((x0, y0), dtype=np.float64)
         cv2.fillPoly(coverage, [np.rint((polygon - corner) * 8).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=3)
         alpha = np.multiply(cv2.GaussianBlur(coverage, (3, 3), 0.6), np.float32(1.0 / 255.0), dtype=np.float32)
-        interior = self._palette.interior(upper, lower, (x0, y0, x1, y1), teeth=1.0 - ROUNDED_TEETH_HIDDEN * rounding)
+        interior = self._palette.interior(upper, lower, (x0, y0, x1, y1), 1.0 - ROUNDED_TEETH_HIDDEN * rounding, scale)
         region = out[y0:y1, x0:x1]
         cv2.blendLinear(interior, region, alpha, 1.0 - alpha, dst=region)
 

@@ -84,6 +84,10 @@ class FacevidRenderer:
             kp_source = self.kp_source.expand(len(keypoints), -1, -1)
             return self._render(self.encoding, kp_source, keypoints.to(self.placement.device))
 
+    def touch_for(self, frame: DrivingFrame) -> None:
+        """The generator's crop is the whole face: nothing to draw again at the frame's resolution."""
+        return None
+
     def render_batch(self, frames: Sequence[DrivingFrame]) -> list[np.ndarray]:
         def run(part: Sequence[DrivingFrame]) -> list[np.ndarray]:
             return to_bgr_uint8(self.render_keypoints(torch.stack([frame.keypoints for frame in part])))
