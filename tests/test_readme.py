@@ -9,6 +9,7 @@ Only ports, the files a command names (made in a scratch folder: face.jpg, talk.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -322,6 +323,15 @@ def continuous_example(command: str, work: Path, env: dict[str, str]) -> None:
     _assert_video(work / "continuous.mp4", 2 + speech_frames / FPS)   # a second of idle on each side
 
 
+def face_report(command: str, work: Path, env: dict[str, str]) -> None:
+    """Run from the repository's root, as the README says: the tests package is on the path there."""
+    result = _run(command, work, {**env, "PYTHONPATH": str(ROOT)}, timeout=900)
+    report = json.loads((work / "face-report" / "face_report.json").read_text())
+    assert set(report) == {"example", "grey", "grey3", "rgba", "deep", "tilted", "large"}
+    assert all((work / "face-report" / f"contact_{name}.png").stat().st_size > 10_000 for name in report)
+    assert "all limits hold" in result.stdout
+
+
 def pipe_example(command: str, work: Path, env: dict[str, str]) -> None:
     _needs("ffmpeg")
     _run(command, work, env)
@@ -358,6 +368,7 @@ RUNS: dict[str, Check] = {
         serves(token=True),
     "python examples/live_session.py": live_example,
     "python examples/continuous_session.py": continuous_example,
+    "python -m tests.face_report --out face-report": face_report,
     "pip install -e '.[enhance]'": pip_installs,
     "talkstream render face.jpg speech.wav --enhancer gfpgan --checkpoints ~/SadTalker -o restored.mp4":
         needs_extra("gfpgan", renders("restored.mp4", SPEECH_S)),

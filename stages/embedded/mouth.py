@@ -55,7 +55,6 @@ class MouthPalette:
             profile = profile[nearest]
             self._teeth_redness: float | None = float(np.median(_redness(profile[indices])))
             self._teeth_luma = float(np.median(luma[indices]))
-            self._teeth_height = float(np.clip(np.median(gap[valid]) / iod, 0.07, 0.12)) * iod
         else:
             # No teeth to copy: an ivory shade, dimmer for a darker-lit face.
             ivory = np.array([188.0, 204.0, 214.0]) * min(1.0, 0.4 + self._lip_luma / 200.0)
@@ -65,6 +64,8 @@ class MouthPalette:
             self._teeth_height = 0.1 * iod
         self._lip_redness = float(_redness(self._lip))
         self._scan_reach = 0.5 * float(gap.max()) + 0.1 * iod
+        if self.shows_teeth:
+            self._teeth_height = self._visible_teeth(crop, top, bottom, valid)
         self._teeth_half_width = max(1.0, float(np.linalg.norm(points[64] - points[60])) / 2.0)
         if self._colourless:
             profile, self._lip = _grey(profile), _grey(self._lip)
@@ -72,6 +73,28 @@ class MouthPalette:
         self._cavity_texture = _cavity_texture(self._lip)
         if self._colourless:
             self._cavity_texture = _grey(self._cavity_texture).astype(np.uint8)
+
+    def _visible_teeth(self, crop: np.ndarray, top: np.ndarray, bottom: np.ndarray, valid: np.ndarray) -> float:
+        """How tall the photo's upper teeth show (px): down the middle third of the opening, from the upper lip's
+        edge to where the brightness of teeth ends. The painted teeth keep this height."""
+        middle_third = np.zeros(len(top), bool)
+        middle_third[len(top) // 3:-(len(top) // 3)] = True
+        columns = np.flatnonzero(valid & middle_third)
+        if not len(columns):
+            return 0.1 * self._iod
+        centre = (top[columns] + bottom[columns]) / 2.0
+        down = (bottom[columns] - top[columns]) / np.maximum(np.linalg.norm(bottom[columns] - top[columns], axis=1,
+                                                                            keepdims=True), 1e-6)
+        edge = centre - self._extent(crop, centre, -down)[:, None] * down
+        steps = np.arange(0.0, self._scan_reach * 2.0, 0.25)
+        luma = _luma(_sample(crop, edge[:, None, :] + steps[None, :, None] * down[:, None, :]))
+        bright = luma > 0.5 * (self._teeth_luma + self._lip_luma)
+        # The first bright run below the lip's edge (its soft edge may take a step or two to cross).
+        start = np.where(bright.any(axis=1), bright.argmax(axis=1), 0)
+        after = np.where(np.arange(len(steps))[None, :] >= start[:, None], ~bright, False)
+        end = np.where(after.any(axis=1), after.argmax(axis=1), len(steps))
+        heights = (end - start) * 0.25
+        return float(np.clip(np.median(heights) / self._iod, 0.05, 0.12)) * self._iod
 
     def lip_edges(self, crop: np.ndarray, points: np.ndarray) -> np.ndarray:
         """The landmarks with each inner-lip point moved onto the lip's real edge when the portrait shows teeth.

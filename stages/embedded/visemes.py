@@ -143,7 +143,7 @@ class SpeakerNormaliser:
     MURMUR_DIP_DB = 6.0         # even a clear murmur is this much under the peak (a loud one is a /w/ or /u/)
     APERTURE_PEAK = 0.36        # IOD at full loudness and the most open vowel
     SPREAD_WIDTH = 0.08         # IOD for the most spread vowel (/i/)
-    ROUND_WIDTH = 0.085         # IOD for the most rounded vowel (/u/)
+    ROUND_WIDTH = 0.075         # IOD for the most rounded vowel (/u/)
 
     def __init__(self) -> None:
         half_life = 1500.0  # hops (30 s): adapts to a new voice, ignores a sentence of odd vowels

@@ -87,7 +87,7 @@ ROUND_MOVES = {
 }
 # How much of a smile's lift of the corners a full rounding (0.16 IOD of drawn width; an /u/ draws about 0.11) takes
 # away.
-ROUND_UNSMILE = 0.9
+ROUND_UNSMILE = 0.6
 ROUND_FULL_IOD = 0.16
 ROUND_OPENING_IOD = 0.1      # the drawn opening from which a rounding unsmiles in full
 ROUNDED_TEETH_HIDDEN = 0.8   # the share of the teeth fully rounded lips hide
@@ -460,7 +460,7 @@ class WarpRenderer:
         # map2=None (both coordinates in `where`) is OpenCV's documented call; its stub asks for an array
         packed, fraction = cv2.convertMaps(where, None, cv2.CV_16SC2)  # type: ignore[call-overload]
         cv2.remap(
-            self._base, packed, fraction, cv2.INTER_LINEAR, dst=out[y0:y1, x0:x1], borderMode=cv2.BORDER_REPLICATE
+            self._base, packed, fraction, cv2.INTER_CUBIC, dst=out[y0:y1, x0:x1], borderMode=cv2.BORDER_REPLICATE
         )
 
     def _lid_region(self, points: np.ndarray) -> tuple[int, int, int, int]:
