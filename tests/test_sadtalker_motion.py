@@ -188,6 +188,12 @@ def test_still_keeps_the_portraits_pose_and_style_changes_the_motion(loaded, sou
     assert np.abs(styled[:, 64:70] - offline[0][:, 64:70]).max() > 1e-3
     scaled = offline_coefficients(_networks(loaded, source, replace(FULL, expression_scale=2.0)), speech)
     np.testing.assert_allclose(scaled[:, :64], 2 * offline[0][:, :64], rtol=1e-5, atol=1e-6)
+    # The preset's head knob scales the pose's motion away from the portrait's (0: still, as `still` keeps it).
+    calmer = offline_coefficients(_networks(loaded, source, replace(FULL, head_scale=0.5)), speech)
+    np.testing.assert_allclose(calmer[:, 64:70] - source.pose, 0.5 * (offline[0][:, 64:70] - source.pose),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(offline_coefficients(_networks(loaded, source, replace(FULL, head_scale=0.0)),
+                                                    speech)[:, 64:70], still[:, 64:70], atol=1e-6)
 
 
 def test_interrupt_starts_a_new_utterance_at_the_next_frame(loaded, source, speech) -> None:

@@ -133,7 +133,7 @@ class SadTalkerBackend:
         settings = self.settings
         driving = DrivingSettings(settings.pose_style, settings.expression_scale, settings.still, settings.blink,
                                   settings.seed, settings.mapping_future_frames, settings.pose_lookahead_frames,
-                                  settings.pose_lag_frames)
+                                  settings.pose_lag_frames, self.preset.motion.head_scale)
         return self.face.motion_model(driving, offline=settings.motion == "offline")
 
     def render_stage(self, *, with_landmarks: bool) -> RenderStage:

@@ -52,6 +52,7 @@ class DrivingSettings:
     mapping_future_frames: int = MAPPING_RADIUS
     pose_lookahead_frames: int = POSE_CHUNK - 1
     pose_lag_frames: int = SMOOTH_WINDOW - 1
+    head_scale: float = 1.0             # the head's motion away from the portrait's pose (the preset's motion knob)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +170,12 @@ class MotionNetworks:
             return keypoint_transformation(canonical, head)
 
     def frame_coefficients(self, exp: np.ndarray, pose: np.ndarray) -> np.ndarray:
-        """Per-frame renderer coefficients: scaled expression, pose (the source's when still), crop parameters."""
+        """Per-frame renderer coefficients: scaled expression, pose (the source's when still; its motion away from
+        the source's scaled by `head_scale` otherwise), crop parameters."""
         count = len(exp)
         source = self.source.coefficients
-        pose = np.broadcast_to(self.source.pose, (count, 6)) if self.settings.still else pose
+        rest = np.broadcast_to(self.source.pose, (count, 6))
+        pose = rest if self.settings.still else rest + self.settings.head_scale * (pose - rest)
         parts = [exp * self.settings.expression_scale, pose]
         if len(source) > 70:
             parts.append(np.broadcast_to(source[70:], (count, len(source) - 70)))
