@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import socket
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import av
 import cv2
@@ -94,7 +95,10 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
             peers_cpu_before = _process_cpu_s(os.getpid())
             started = loop.time()
             speakers.stdin.write(b"go\n")
+            memory: list[tuple[float, float]] = []      # (seconds into the run, server RSS MB)
+            watching = asyncio.create_task(_watch_memory(process.pid, started, memory))
             recordings = await asyncio.gather(*(_receive(pc, seconds) for _, pc in peers))
+            watching.cancel()
             spoken = json.loads((await speakers.communicate())[0])
             elapsed = loop.time() - started
             cpu_after, metrics_after = _process_cpu_s(process.pid), await _metrics(http, base)
@@ -130,6 +134,9 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
         "voice_latency_ms": [result["voice_latency_ms"] for result in results],
         "mouth_onset_after_voice_ms": results[0]["mouth_onset_after_voice_ms"],
         "interrupt_to_closed_mouth_ms": results[0]["interrupt_to_closed_mouth_ms"],
+        # How much later video plays than audio by the RTP timestamps, in the first and the last 10 s of the run.
+        "av_offset_ms_start_end": [result["av_offset_ms"] for result in results],
+        **_memory_growth(memory),
     }
     log(json.dumps(report))
     return report
@@ -149,6 +156,15 @@ def _example_speech(rate: int) -> np.ndarray:
     return np.clip(speech, -32768, 32767).astype(np.int16)
 
 
+def _talk(seconds: float) -> np.ndarray:
+    """What each session hears: the example speech, then (on a run long enough) the example again after 2 s of
+    silence, and so on, until 4 s before the end."""
+    speech = _example_speech(BENCH_RATE_HZ)
+    total = int(BENCH_RATE_HZ * max(1.0, seconds - 4.0))
+    once = np.concatenate([speech, np.zeros(2 * BENCH_RATE_HZ, np.int16)])
+    return np.tile(once, -(-total // len(once)))[:total]
+
+
 def speak_main(argv: list[str]) -> None:
     """The benchmark's speakers (a process of their own): BASE SECONDS SESSION... Each session hears the example
     speech in real time over its websocket, the first one interrupted 1 s before the end; prints [[first chunk
@@ -157,21 +173,23 @@ def speak_main(argv: list[str]) -> None:
     import aiohttp
 
     base, seconds, session_ids = argv[0], float(argv[1]), argv[2:]
-    speech = _example_speech(BENCH_RATE_HZ)
-    talk = speech[: int(BENCH_RATE_HZ * max(1.0, seconds - 4.0))]
+    talk = _talk(seconds)
     chunk = BENCH_RATE_HZ // 50
 
     async def speak(http: aiohttp.ClientSession, socket: aiohttp.ClientWebSocketResponse, session_id: str,
                     interrupt: bool) -> list[float | None]:
         first_sent, interrupted, late = time.monotonic(), None, 0.0
-        interrupt_at = first_sent + len(talk) / BENCH_RATE_HZ - 1.0 if interrupt else None
+        first_utterance_s = min(len(talk), len(_example_speech(BENCH_RATE_HZ))) / BENCH_RATE_HZ
+        interrupt_at = first_sent + first_utterance_s - 1.0 if interrupt else None
         for index, offset in enumerate(range(0, len(talk), chunk)):
             if interrupt_at is not None and time.monotonic() >= interrupt_at:
                 await http.post(f"{base}/api/sessions/{session_id}/interrupt")
-                interrupted = time.monotonic()
-                break
+                interrupted, interrupt_at = time.monotonic(), None
+                if len(talk) <= first_utterance_s * BENCH_RATE_HZ:
+                    break
             late = max(late, time.monotonic() - first_sent - index / 50)
-            await socket.send_bytes(talk[offset:offset + chunk].tobytes())
+            if talk[offset:offset + chunk].any():   # a pause is not sent: the server hears nothing, as from a mic
+                await socket.send_bytes(talk[offset:offset + chunk].tobytes())
             await asyncio.sleep(max(0.0, first_sent + (index + 1) / 50 - time.monotonic()))
         await socket.close()
         return [first_sent, interrupted, late]
@@ -188,10 +206,16 @@ def speak_main(argv: list[str]) -> None:
     print(json.dumps(asyncio.run(speak_all())))
 
 
+KEPT_S = 20.0   # decoded frames are kept (for dlib and the voice's level) this long; then only their timing
+
+
 @dataclass(slots=True)
 class _Recording:
-    video: list[tuple[float, av.VideoFrame]]   # (arrival, frame)
+    video: list[tuple[float, av.VideoFrame]]   # (arrival, frame), the first KEPT_S seconds
     audio: list[tuple[float, av.AudioFrame]]
+    # (arrival, media seconds) of every frame, as the RTP timestamps say: what the A/V offset is read from
+    video_times: list[tuple[float, float]]
+    audio_times: list[tuple[float, float]]
     first_sent: float = 0.0                    # when the first speech chunk went out
     interrupted: float | None = None           # when the interrupt went out
 
@@ -200,17 +224,42 @@ async def _receive(pc: RTCPeerConnection, seconds: float) -> _Recording:
     """Both tracks of one peer for `seconds`, each frame with its arrival time (monotonic)."""
     loop = asyncio.get_running_loop()
     tracks = {receiver.track.kind: receiver.track for receiver in pc.getReceivers()}
-    recording = _Recording([], [])
-    until = loop.time() + seconds
+    recording = _Recording([], [], [], [])
+    started = loop.time()
+    until = started + seconds
 
-    async def receive(track: MediaStreamTrack, into: list[Any]) -> None:
+    async def receive(track: MediaStreamTrack, frames: list[Any], times: list[tuple[float, float]]) -> None:
+        first: av.frame.Frame | None = None
         with contextlib.suppress(MediaStreamError, TimeoutError):
-            while loop.time() < until:
-                frame = await asyncio.wait_for(track.recv(), 5)
-                into.append((loop.time(), frame))
+            while (now := loop.time()) < until:
+                frame = cast(av.frame.Frame, await asyncio.wait_for(track.recv(), 5))
+                now = loop.time()
+                first = first or frame
+                times.append((now, _since(frame, first, frame.time_base)))
+                if now - started < KEPT_S:
+                    frames.append((now, frame))
 
-    await asyncio.gather(receive(tracks["video"], recording.video), receive(tracks["audio"], recording.audio))
+    await asyncio.gather(receive(tracks["video"], recording.video, recording.video_times),
+                         receive(tracks["audio"], recording.audio, recording.audio_times))
     return recording
+
+
+def av_offset_ms(recording: _Recording, window_s: float = 10.0) -> tuple[float, float] | None:
+    """How much later the video plays than the audio (ms), at the start and at the end of the run: the median
+    (arrival - media time) of the video's frames less the audio's, over the first and the last `window_s` seconds.
+    Both tracks start at media time 0, so a receiver that plays by their timestamps sees this offset."""
+    video, audio = np.array(recording.video_times), np.array(recording.audio_times)
+    if len(video) < 2 or len(audio) < 2:
+        return None
+
+    def lag(times: np.ndarray, low: float, high: float) -> float:
+        inside = times[(times[:, 1] >= low) & (times[:, 1] < high)]
+        return float(np.median(inside[:, 0] - inside[:, 1])) if len(inside) else math.nan
+
+    end = min(video[-1, 1], audio[-1, 1])
+    start, final = 2.0, max(2.0 + window_s, end - window_s)  # past the frames queued while connecting
+    return (round(ms_of_seconds(lag(video, start, start + window_s) - lag(audio, start, start + window_s)), 1),
+            round(ms_of_seconds(lag(video, final, final + window_s) - lag(audio, final, final + window_s)), 1))
 
 
 def _since(frame: av.frame.Frame, start: av.frame.Frame, time_base: Fraction | None) -> float:
@@ -227,11 +276,12 @@ def _analyse(recording: _Recording, speech: np.ndarray, rate: int, *, measure: b
     level = np.array([np.abs(frame.to_ndarray().astype(np.int32)).max() for _, frame in audio])
     voiced = np.flatnonzero(level > 500)
     arrivals = np.array([arrival for arrival, _ in video])
-    steady = arrivals[arrivals >= arrivals[0] + 1.0] if len(arrivals) else arrivals  # past frames queued on connect
+    every = np.array([arrival for arrival, _ in recording.video_times])
+    steady = every[every >= every[0] + 1.0] if len(every) else every  # past the frames queued on connect
     span = steady[-1] - steady[0] if len(steady) > 1 else 0.0
     result: dict[str, Any] = {"fps": (len(steady) - 1) / span if span else 0.0, "voice_latency_ms": None,
                               "frame_latency_ms": None, "mouth_onset_after_voice_ms": None,
-                              "interrupt_to_closed_mouth_ms": None}
+                              "interrupt_to_closed_mouth_ms": None, "av_offset_ms": av_offset_ms(recording)}
     spoken = np.flatnonzero(np.abs(speech.astype(np.int32)) > 500)
     if not (len(voiced) and len(spoken) and video):
         return result
@@ -288,6 +338,32 @@ def _per_session(metrics: str, metric: str) -> dict[str, float]:
     """{session id: value} of one of the server's per-session metrics, from its /metrics text."""
     return {session: float(value)
             for session, value in re.findall(rf'talkstream_{metric}{{session="([^"]*)"}} (\S+)', metrics)}
+
+
+async def _watch_memory(pid: int, started: float, samples: list[tuple[float, float]]) -> None:
+    """The server's resident memory every 10 s of the run."""
+    loop = asyncio.get_running_loop()
+    while True:
+        samples.append((loop.time() - started, _rss_mb(pid)))
+        await asyncio.sleep(10.0)
+
+
+def _memory_growth(samples: list[tuple[float, float]]) -> dict[str, Any]:
+    """The server's RSS at the start and the end, and its growth per hour after the first quarter of the run (the
+    first minutes fill caches and pools; a leak keeps growing after)."""
+    if len(samples) < 4:
+        return {"server_rss_mb_start_end": [samples[0][1], samples[-1][1]] if samples else None,
+                "server_rss_growth_mb_per_hour": None}
+    settled = [sample for sample in samples if sample[0] >= samples[-1][0] / 4]
+    (t0, m0), (t1, m1) = settled[0], settled[-1]
+    return {"server_rss_mb_start_end": [samples[0][1], samples[-1][1]],
+            "server_rss_growth_mb_per_hour": round((m1 - m0) * 3600 / (t1 - t0), 1) if t1 > t0 else None}
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of process `pid` (Linux), MB."""
+    kilobytes = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return round(int(kilobytes.group(1)) / 1024, 1) if kilobytes else math.nan
 
 
 def _process_cpu_s(pid: int) -> float:
