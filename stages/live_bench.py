@@ -158,7 +158,8 @@ def _example_speech(rate: int) -> np.ndarray:
 
 def _talk(seconds: float) -> np.ndarray:
     """What each session hears: the example speech, then (on a run long enough) the example again after 2 s of
-    silence, and so on, until 4 s before the end."""
+    silence, and so on, until 4 s before the end. The speakers send nothing in its pauses and say "end" where each
+    begins."""
     speech = _example_speech(BENCH_RATE_HZ)
     total = int(BENCH_RATE_HZ * max(1.0, seconds - 4.0))
     once = np.concatenate([speech, np.zeros(2 * BENCH_RATE_HZ, np.int16)])
@@ -178,7 +179,7 @@ def speak_main(argv: list[str]) -> None:
 
     async def speak(http: aiohttp.ClientSession, socket: aiohttp.ClientWebSocketResponse, session_id: str,
                     interrupt: bool) -> list[float | None]:
-        first_sent, interrupted, late = time.monotonic(), None, 0.0
+        first_sent, interrupted, late, speaking = time.monotonic(), None, 0.0, False
         first_utterance_s = min(len(talk), len(_example_speech(BENCH_RATE_HZ))) / BENCH_RATE_HZ
         interrupt_at = first_sent + first_utterance_s - 1.0 if interrupt else None
         for index, offset in enumerate(range(0, len(talk), chunk)):
@@ -188,8 +189,13 @@ def speak_main(argv: list[str]) -> None:
                 if len(talk) <= first_utterance_s * BENCH_RATE_HZ:
                     break
             late = max(late, time.monotonic() - first_sent - index / 50)
-            if talk[offset:offset + chunk].any():   # a pause is not sent: the server hears nothing, as from a mic
+            # A pause is not sent, and its start is said ("end"), as a TTS that knows where its sentences end does.
+            if talk[offset:offset + chunk].any():
                 await socket.send_bytes(talk[offset:offset + chunk].tobytes())
+                speaking = True
+            elif speaking:
+                await socket.send_str("end")
+                speaking = False
             await asyncio.sleep(max(0.0, first_sent + (index + 1) / 50 - time.monotonic()))
         await socket.close()
         return [first_sent, interrupted, late]
