@@ -156,11 +156,10 @@ def _example_speech(rate: int) -> np.ndarray:
     return np.clip(speech, -32768, 32767).astype(np.int16)
 
 
-def _talk(seconds: float) -> np.ndarray:
+def _talk(speech: np.ndarray, seconds: float) -> np.ndarray:
     """What each session hears: the example speech, then (on a run long enough) the example again after 2 s of
     silence, and so on, until 4 s before the end. The speakers send nothing in its pauses and say "end" where each
     begins."""
-    speech = _example_speech(BENCH_RATE_HZ)
     total = int(BENCH_RATE_HZ * max(1.0, seconds - 4.0))
     once = np.concatenate([speech, np.zeros(2 * BENCH_RATE_HZ, np.int16)])
     return np.tile(once, -(-total // len(once)))[:total]
@@ -174,13 +173,14 @@ def speak_main(argv: list[str]) -> None:
     import aiohttp
 
     base, seconds, session_ids = argv[0], float(argv[1]), argv[2:]
-    talk = _talk(seconds)
+    speech = _example_speech(BENCH_RATE_HZ)
+    talk = _talk(speech, seconds)
+    first_utterance_s = min(len(talk), len(speech)) / BENCH_RATE_HZ
     chunk = BENCH_RATE_HZ // 50
 
     async def speak(http: aiohttp.ClientSession, socket: aiohttp.ClientWebSocketResponse, session_id: str,
                     interrupt: bool) -> list[float | None]:
         first_sent, interrupted, late, speaking = time.monotonic(), None, 0.0, False
-        first_utterance_s = min(len(talk), len(_example_speech(BENCH_RATE_HZ))) / BENCH_RATE_HZ
         interrupt_at = first_sent + first_utterance_s - 1.0 if interrupt else None
         for index, offset in enumerate(range(0, len(talk), chunk)):
             if interrupt_at is not None and time.monotonic() >= interrupt_at:
