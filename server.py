@@ -14,23 +14,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import io
+import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import struct
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
+import aiohttp
 import cv2
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from stages.session import (
     LIVE_RATES_HZ,
@@ -40,12 +46,23 @@ from stages.session import (
     LiveSession,
     WebRtcPeer,
     is_loopback,
+    live_peer_connections,
     load_preset,
     restrict_ice_to,
     use_live_encoders,
 )
 from stream.arguments import Parser, existing_dir, port, positive
 from stream.errors import TalkstreamError
+from stream.workers import (
+    STALE_AFTER_S,
+    ProcessWorker,
+    Worker,
+    WorkerPool,
+    first_of,
+    usable_cores,
+    visible_gpus,
+    worker_command,
+)
 
 LOG = logging.getLogger("talkstream.server")
 SERVER_FILE = Path(__file__).resolve()
@@ -54,6 +71,8 @@ PAGE_DIR = SERVER_FILE.parent / "stages" / "page"   # the page's HTML, script, s
 MAX_SIDE_PX = 720    # live video stays within 720p: encoders keep up, and H.264's advertised level 3.1 holds
 TOKEN_VARIABLE = "TALKSTREAM_TOKEN"
 PCM_DEFAULT_RATE_HZ = 16000   # the speech websocket's rate when `?rate=` is not given: a microphone's
+MAX_PCM_MESSAGE_BYTES = 2**20   # one websocket message of speech: 32 s at 16 kHz
+MAX_SPEAK_DECODING = 2        # speak requests of one session decoded at once; more are refused (429)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +99,22 @@ class ServerSettings:
     video_codec: str = "VP8"           # VP8 first on a CPU (aiortc's H.264 runs x264 at its medium preset)
     ice_servers: tuple[str, ...] = ()  # none by default: no STUN lookups on a LAN, loopback or offline
     cors_origin: str | None = None
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = field(default_factory=Limits)   # max_sessions: per process (each worker's, behind a front)
+    workers: int | None = None         # worker processes behind a front (None: auto; 0: sessions in this process)
+    ray: str | None = None             # the workers as Ray actors: "local" (a runtime for this run), "auto" or ray://
+
+    def to_json(self) -> str:
+        """For a worker process (it rebuilds these with `from_json`)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerSettings:
+        values = json.loads(text)
+        return cls(**{**values, "ice_servers": tuple(values["ice_servers"]), "limits": Limits(**values["limits"])})
+
+    def for_worker(self, token: str) -> ServerSettings:
+        """What a worker behind a front runs with: its sessions in its own process, only the front let in."""
+        return replace(self, token=token, workers=0, ray=None, cors_origin=None)
 
 
 class ApiError(Exception):
@@ -99,6 +133,8 @@ class LiveAvatarSession:
         self.avatar = avatar
         self.live = live
         self.peer: WebRtcPeer | None = None
+        self.sockets: set[web.WebSocketResponse] = set()   # speech websockets: closed with the session
+        self.decoding = 0                                 # speak requests being decoded now
         self.last_activity = time.monotonic()
         self.last_packets = -1
         self.closed = False
@@ -110,20 +146,80 @@ class LiveAvatarSession:
         if self.closed:
             return
         self.closed = True
+        await asyncio.gather(*(socket.close(code=WSCloseCode.GOING_AWAY, message=b"the session ended")
+                               for socket in list(self.sockets)), return_exceptions=True)
         if self.peer is not None:
             await self.peer.close()
         await self.live.aclose()
 
 
+AVATARS_KEPT = 8   # portraits x presets kept prepared per process (an avatar is read-only: sessions share it)
+
+
+class AvatarCache:
+    """Avatars by (portrait's hash, preset), the `kept` most recently used: a portrait is prepared once per process,
+    not once per session. Concurrent requests for one avatar share its preparation."""
+
+    def __init__(self, kept: int) -> None:
+        self.kept = kept
+        self._avatars: OrderedDict[tuple[str, str], asyncio.Future[Avatar]] = OrderedDict()
+
+    async def get(self, key: tuple[str, str], prepare: Callable[[], Awaitable[Avatar]]) -> Avatar:
+        future = self._avatars.get(key)
+        if future is None:
+            future = self._avatars[key] = asyncio.ensure_future(prepare())
+            while len(self._avatars) > self.kept:
+                self._avatars.popitem(last=False)
+        self._avatars.move_to_end(key)
+        try:
+            return await asyncio.shield(future)
+        except Exception:
+            if self._avatars.get(key) is future:   # a failed preparation is not kept: the next request tries again
+                del self._avatars[key]
+            raise
+
+
+def _digest(portrait: bytes | Path) -> str:
+    """What identifies a portrait in the cache: its bytes' hash (an example: its path)."""
+    return hashlib.sha256(portrait).hexdigest() if isinstance(portrait, bytes) else str(portrait)
+
+
+class LoadMeter:
+    """This process's CPU use between two readings (the front reads it with each heartbeat)."""
+
+    def __init__(self) -> None:
+        self._last = (time.monotonic(), time.process_time())
+
+    def cores(self) -> float:
+        """CPU cores busy on average since the previous call."""
+        now, cpu = time.monotonic(), time.process_time()
+        (then, cpu_then), self._last = self._last, (now, cpu)
+        return round((cpu - cpu_then) / max(now - then, 1e-3), 3)
+
+
 class Server:
-    """State of one server process: settings, sessions, counters; hung on the web.Application."""
+    """State of one server process (or of one worker behind a front): settings, sessions, the avatars prepared for
+    them, counters; hung on the web.Application."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.sessions: dict[str, LiveAvatarSession] = {}
         self.preparing = 0
         self.prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="talkstream-prepare")
+        self.avatars = AvatarCache(AVATARS_KEPT)
         self.counters = {"sessions_created": 0, "sessions_closed": 0, "requests_refused": 0, "requests_failed": 0}
+        self.load = LoadMeter()
+        self._frames_seen = (time.process_time(), 0, 0.0)   # (CPU s, frames sent, ms per frame) at the last scrape
+
+    def cpu_ms_per_frame(self, frames: int) -> float:
+        """This process's CPU ms per frame its sessions sent since the previous call (`frames`: sent so far by the
+        sessions open now); the previous figure while none were sent."""
+        cpu, seen, figure = self._frames_seen
+        now = time.process_time()
+        if frames > seen:
+            figure = (now - cpu) * 1000 / (frames - seen)
+        self._frames_seen = (now, frames, figure)
+        return figure
 
     async def create(self, portrait: bytes | Path, preset: str, name: str) -> LiveAvatarSession:
         limits = self.settings.limits
@@ -131,8 +227,8 @@ class Server:
             raise ApiError(503, f"the server is full ({limits.max_sessions} sessions); try again later")
         self.preparing += 1
         try:
-            loop = asyncio.get_running_loop()
-            avatar = await loop.run_in_executor(self.prepare_pool, self._prepare, portrait, preset, name)
+            avatar = await self.avatars.get((_digest(portrait), preset),
+                                            lambda: self._run_prepare(portrait, preset, name))
         finally:
             self.preparing -= 1
         session = LiveAvatarSession(secrets.token_urlsafe(12), avatar,
@@ -141,6 +237,10 @@ class Server:
         self.sessions[session.id] = session
         self.counters["sessions_created"] += 1
         return session
+
+    async def _run_prepare(self, portrait: bytes | Path, preset: str, name: str) -> Avatar:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.prepare_pool, self._prepare, portrait, preset, name)
 
     def _prepare(self, portrait: bytes | Path, preset: str, name: str) -> Avatar:
         settings = self.settings
@@ -198,6 +298,8 @@ class Server:
 
 
 SERVER = web.AppKey("server", Server)
+SETTINGS = web.AppKey("settings", ServerSettings)
+COUNTERS = web.AppKey("counters", dict[str, int])
 
 
 # ------------------------------------------------------------------------------------------------------- handlers
@@ -259,40 +361,63 @@ async def offer(request: web.Request) -> web.Response:
 async def speak(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     session = server.get(request.match_info["id"])
-    fields = await _form(request)
-    upload = fields.get("audio")
-    if not isinstance(upload, Upload) or not upload.data:
-        raise ApiError(400, "send the speech as a multipart field 'audio' (any file ffmpeg reads)")
-    loop = asyncio.get_running_loop()
-    speech, rate = await loop.run_in_executor(None, _decode_speech, upload, server.settings.limits.max_speech_s)
+    limits = server.settings.limits
+    if session.decoding >= MAX_SPEAK_DECODING:
+        raise ApiError(429, "this session is still decoding its last speech; wait for its answer")
+    if session.live.queued_speech_s() > limits.max_speech_s:
+        raise ApiError(429, f"this session has over {limits.max_speech_s:g} s of speech still to say; wait, or "
+                       "interrupt it")
+    session.decoding += 1
+    try:
+        fields = await _form(request)
+        upload = fields.get("audio")
+        if not isinstance(upload, Upload) or not upload.data:
+            raise ApiError(400, "send the speech as a multipart field 'audio' (any file ffmpeg reads)")
+        loop = asyncio.get_running_loop()
+        speech, rate = await loop.run_in_executor(None, _decode_speech, upload, limits.max_speech_s)
+    finally:
+        session.decoding -= 1
+    if session.closed:
+        raise ApiError(404, f"no session {session.id!r}")
     session.live.push(speech, rate)
     session.live.end_utterance()
     return web.json_response({"queued_s": round(len(speech) / rate, 3)})
 
 
-async def audio_socket(request: web.Request) -> web.StreamResponse:
-    server = request.app[SERVER]
-    session = server.get(request.match_info["id"])
+def pcm_rate(request: web.Request) -> int:
+    """The speech websocket's `?rate=` (s16le mono PCM), checked."""
     try:
         rate = int(request.query.get("rate", PCM_DEFAULT_RATE_HZ))
     except ValueError:
         rate = 0
     if rate not in LIVE_RATES_HZ:
         raise ApiError(400, f"rate must be one of {', '.join(map(str, LIVE_RATES_HZ))} (s16le mono PCM)")
-    socket = web.WebSocketResponse(max_msg_size=2**20)
+    return rate
+
+
+async def audio_socket(request: web.Request) -> web.StreamResponse:
+    server = request.app[SERVER]
+    session = server.get(request.match_info["id"])
+    rate = pcm_rate(request)
+    socket = web.WebSocketResponse(max_msg_size=MAX_PCM_MESSAGE_BYTES)
     await socket.prepare(request)
-    async for message in socket:
-        session.touch()
-        if message.type == WSMsgType.BINARY and len(message.data) % 2 == 0:
-            if message.data:   # an empty message is no speech (and nothing to resample)
-                session.live.push(np.frombuffer(message.data, "<i2"), rate)
-        elif message.type == WSMsgType.TEXT and message.data.strip() == "end":
-            session.live.end_utterance()
-        else:
-            await socket.send_json({"error": "send binary s16le mono PCM (an even number of bytes), or 'end'"})
-            await socket.close(code=1003)
-            break
-    session.live.end_utterance()
+    session.sockets.add(socket)
+    try:
+        async for message in socket:
+            session.touch()
+            if message.type == WSMsgType.BINARY and len(message.data) % 2 == 0:
+                if message.data:   # an empty message is no speech (and nothing to resample)
+                    session.live.push(np.frombuffer(message.data, "<i2"), rate)
+            elif message.type == WSMsgType.TEXT and message.data.strip() == "end":
+                session.live.end_utterance()
+            else:
+                await socket.send_json({"error": "send binary s16le mono PCM (an even number of bytes), or 'end'"})
+                await socket.close(code=WSCloseCode.UNSUPPORTED_DATA)
+                break
+    finally:
+        session.sockets.discard(socket)
+    if not session.closed:
+        session.live.end_utterance()
     return socket
 
 
@@ -309,7 +434,13 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True, "sessions": len(request.app[SERVER].sessions)})
+    """Alive, and how loaded: what a front reads with each heartbeat to place new sessions."""
+    server = request.app[SERVER]
+    slack = [session.live.stats().least_frame_slack_s for session in server.sessions.values()]
+    return web.json_response({"ok": True, "sessions": len(server.sessions), "preparing": server.preparing,
+                              "session_ids": list(server.sessions), "pid": os.getpid(),
+                              "cpu_cores": server.load.cores(), "least_frame_slack_s": min(slack, default=None),
+                              "rss_mb": round(_rss_bytes() / 2**20, 1)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -335,6 +466,14 @@ async def metrics(request: web.Request) -> web.Response:
     for metric, read in per_session.items():
         lines.append(f"# TYPE talkstream_{metric} gauge")
         lines += [f'talkstream_{metric}{{session="{s.id}"}} {read(s)}' for s in server.sessions.values()]
+    frames = sum(stats[s].speech_frames + stats[s].idle_frames + stats[s].repeated_frames for s in stats)
+    process = {"process_resident_memory_bytes": _rss_bytes(), "process_cpu_seconds": round(time.process_time(), 3),
+               "process_threads": threading.active_count(), "asyncio_tasks": len(asyncio.all_tasks()),
+               "peer_connections": live_peer_connections(),
+               # what a frame costs while sessions send: the load of this process over the frames it sent
+               "cpu_ms_per_session_frame": round(server.cpu_ms_per_frame(frames), 3)}
+    for name, value in process.items():
+        lines += [f"# TYPE talkstream_{name} gauge", f"talkstream_{name} {value}"]
     lines.append("# TYPE talkstream_stage_busy_ms_per_frame gauge")
     for session_id, snapshot in stats.items():
         lines += [f'talkstream_stage_busy_ms_per_frame{{session="{session_id}",stage="{stage}"}} {ms:.3f}'
@@ -354,7 +493,7 @@ async def config(request: web.Request) -> web.Response:
     """What the page offers: the presets (the server's default selected), the examples, whether a token is needed."""
     from stream.presets import PresetBook
 
-    settings = request.app[SERVER].settings
+    settings = request.app[SETTINGS]
     return web.json_response({"presets": PresetBook().names, "preset": settings.preset,
                               "examples": list(EXAMPLES), "token_required": bool(settings.token)})
 
@@ -378,7 +517,7 @@ async def _form(request: web.Request) -> dict[str, Upload | str]:
     try:
         form = await request.post()
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"the upload is over {request.app[SERVER].settings.limits.max_upload_bytes // 2**20} "
+        raise ApiError(413, f"the upload is over {request.app[SETTINGS].limits.max_upload_bytes // 2**20} "
                        "MiB") from None
     except ValueError as error:
         raise ApiError(400, f"cannot read the form: {error}") from None
@@ -414,6 +553,14 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _decode_speech(upload: Upload, max_seconds: float) -> tuple[np.ndarray, int]:
     """Any audio file ffmpeg reads -> int16 mono and its rate; clear errors, naming the upload, for the rest."""
     name = upload.named("audio")
@@ -435,21 +582,21 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
                          ) -> web.StreamResponse:
     """Every answer of 400 and above is `{"error": "..."}`; an unexpected failure is logged here (with its traceback)
     and answered 500 with one line, never a traceback."""
-    server = request.app[SERVER]
-    origin = server.settings.cors_origin
+    settings, counters = request.app[SETTINGS], request.app[COUNTERS]
+    origin = settings.cors_origin
     if origin and request.method == "OPTIONS" and request.path.startswith("/api/"):
         # A browser's preflight carries no token: it asks whether the real request (JSON, a bearer token) may go.
         return web.Response(status=204, headers={
             "Access-Control-Allow-Origin": origin, "Access-Control-Allow-Methods": "GET, POST, DELETE",
             "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Max-Age": "600"})
     try:
-        token = server.settings.token
+        token = settings.token
         public = request.path == "/api/config"   # the page learns from it that it needs the token
         if token and request.path.startswith("/api/") and not public and not _authorised(request, token):
             raise ApiError(401, "missing or wrong token (Authorization: Bearer TOKEN)")
         response = await handler(request)
     except ApiError as error:
-        server.counters["requests_refused"] += 1
+        counters["requests_refused"] += 1
         response = web.json_response({"error": str(error)}, status=error.status)
     except web.HTTPException as error:
         if error.status < 400:
@@ -459,11 +606,11 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
         raise
     except Exception:  # noqa: BLE001 - one bad request never takes the server down
         LOG.exception("%s %s failed", request.method, request.path)
-        server.counters["requests_failed"] += 1
+        counters["requests_failed"] += 1
         response = web.json_response({"error": f"the server failed on {request.method} {request.path}; its log "
                                       "says why"}, status=500)
-    if server.settings.cors_origin:
-        response.headers["Access-Control-Allow-Origin"] = server.settings.cors_origin
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
     return response
 
 
@@ -473,14 +620,23 @@ def _authorised(request: web.Request, token: str) -> bool:
     return secrets.compare_digest(given.encode(), token.encode())
 
 
-def make_app(settings: ServerSettings) -> web.Application:
+def _base_app(settings: ServerSettings, counters: dict[str, int]) -> web.Application:
+    """What a server and a front share: errors as JSON, the token, CORS, the page and its settings."""
     app = web.Application(middlewares=[errors_as_json], client_max_size=settings.limits.max_upload_bytes)
-    server = Server(settings)
-    app[SERVER] = server
+    app[SETTINGS] = settings
+    app[COUNTERS] = counters
     app.router.add_get("/", page)
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_static("/page/", PAGE_DIR)
     app.router.add_get("/api/config", config)
+    return app
+
+
+def make_app(settings: ServerSettings) -> web.Application:
+    """The server of one process: its sessions live here (`serve --workers 0`, and each worker behind a front)."""
+    server = Server(settings)
+    app = _base_app(settings, server.counters)
+    app[SERVER] = server
     app.router.add_get("/healthz", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/sessions", create_session)
@@ -509,8 +665,301 @@ def make_app(settings: ServerSettings) -> web.Application:
 JANITOR = web.AppKey("janitor", asyncio.Task)
 
 
+# ------------------------------------------------------------------------------------------------------- the front
+
+
+GONE_KEPT = 100_000          # sessions lost with their worker, remembered to answer 410 (not 404) for them
+FORWARD_TIMEOUT_S = 120.0    # a forwarded request (a session's avatar is prepared within it)
+DRAIN_GRACE_S = 3.0          # on SIGTERM, workers close their sessions within this, or are killed
+
+
+@dataclass(slots=True)
+class Placement:
+    """Where a session lives: a worker, and which of its launches (a restart loses what an earlier one held)."""
+
+    worker: Worker
+    generation: int
+    since: float = field(default_factory=time.monotonic)
+
+
+class Front:
+    """The process in front of the workers (`serve --workers N`, `serve --ray`): it serves the page and the same API,
+    places each new session on the least-loaded live worker, and forwards that session's signalling to it; the media
+    go between the worker and the peer, never through here. A session whose worker died answers 410."""
+
+    def __init__(self, settings: ServerSettings, workers: Sequence[Worker], internal_token: str) -> None:
+        """`internal_token`: what the workers require (only the front calls them)."""
+        self.settings = settings
+        self.pool = WorkerPool(workers, self.lost, {"Authorization": f"Bearer {internal_token}"})
+        self.placements: dict[str, Placement] = {}
+        self.gone: OrderedDict[str, str] = OrderedDict()
+        self.pending: dict[int, int] = {}                 # sessions being created, by worker
+        self.sockets: dict[str, set[web.WebSocketResponse]] = {}
+        self.draining = False
+        self.counters = {"sessions_created": 0, "sessions_lost": 0, "requests_refused": 0, "requests_failed": 0}
+        self.http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.http = aiohttp.ClientSession(headers=self.pool.headers, connector=aiohttp.TCPConnector(limit=256),
+                                          timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S, sock_connect=3))
+        await self.pool.start()
+
+    async def drain(self) -> None:
+        """No new sessions; the speech websockets told and closed; the workers stopped (they close their peers)."""
+        self.draining = True
+        await asyncio.gather(*(socket.close(code=WSCloseCode.GOING_AWAY, message=b"the server is shutting down")
+                               for sockets in self.sockets.values() for socket in list(sockets)),
+                             return_exceptions=True)
+        await self.pool.stop(DRAIN_GRACE_S)
+        if self.http is not None:
+            await self.http.close()
+
+    def lost(self, worker: Worker, why: str) -> None:
+        """A worker died: its sessions are gone (410 from now on; their websockets end with the worker's side)."""
+        reason = f"its worker {worker.index} {why}; open a new session"
+        for session_id, placement in list(self.placements.items()):
+            if placement.worker is worker and placement.generation == worker.generation:
+                del self.placements[session_id]
+                self._forget(session_id, reason)
+                self.counters["sessions_lost"] += 1
+
+    def _forget(self, session_id: str, reason: str) -> None:
+        self.gone[session_id] = reason
+        while len(self.gone) > GONE_KEPT:
+            self.gone.popitem(last=False)
+
+    def find(self, session_id: str) -> Placement:
+        placement = self.placements.get(session_id)
+        if placement is not None and (not placement.worker.alive
+                                      or placement.generation != placement.worker.generation):
+            placement = None   # died a moment ago; `lost` is on its way
+        if placement is None:
+            if session_id in self.gone:
+                raise ApiError(410, f"session {session_id!r} ended: {self.gone[session_id]}")
+            raise ApiError(404, f"no session {session_id!r}")
+        return placement
+
+    def held(self, worker: Worker) -> int:
+        """Sessions on `worker`: those placed on it that it still reports, and those being created there."""
+        reported = set(worker.health.get("session_ids", ()))
+        settled = worker.last_beat - STALE_AFTER_S   # a session placed before this shows in the latest heartbeat
+        for session_id, placement in list(self.placements.items()):
+            if placement.worker is worker and placement.since < settled and session_id not in reported:
+                del self.placements[session_id]       # it ended there (idle, its peer left)
+        placed = sum(placement.worker is worker for placement in self.placements.values())
+        return placed + self.pending.get(worker.index, 0)
+
+    def place(self) -> Worker:
+        """The live worker with the most room: the fewest sessions, then the least CPU busy, a worker whose frames
+        were late last counted as one session more."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down")
+        room = [(self.held(worker), worker) for worker in self.pool.live()]
+        room = [(held, worker) for held, worker in room if held < self.settings.limits.max_sessions]
+        if not room:
+            raise ApiError(503, f"the server is full ({self.settings.limits.max_sessions} sessions on each of "
+                           f"{len(self.pool.live())} live workers); try again later")
+
+        def load(entry: tuple[int, Worker]) -> float:
+            held, worker = entry
+            slack = worker.health.get("least_frame_slack_s")
+            return held + float(worker.health.get("cpu_cores", 0.0)) + (1.0 if slack is not None and slack < 0 else 0)
+
+        return min(room, key=load)[1]
+
+    async def forward(self, request: web.Request, worker: Worker, body: bytes | None = None) -> tuple[int, bytes]:
+        """The request, as it came, to `worker`: its answer's status and body."""
+        assert self.http is not None
+        headers = {"Content-Type": request.headers["Content-Type"]} if "Content-Type" in request.headers else {}
+        async with self.http.request(request.method, f"{worker.url}{request.rel_url.path_qs}", headers=headers,
+                                     data=body if body is not None else await request.read()) as answer:
+            return answer.status, await answer.read()
+
+    async def unreachable(self, session_id: str | None, worker: Worker) -> ApiError:
+        """What to answer when `worker` did not: 410 if it died (the pool notices within a moment), else 502."""
+        for _ in range(10):
+            if not worker.alive:
+                break
+            await asyncio.sleep(0.05)
+        if session_id is not None and session_id in self.gone:
+            return ApiError(410, f"session {session_id!r} ended: {self.gone[session_id]}")
+        return ApiError(502, f"worker {worker.index} did not answer; try again")
+
+
+FRONT = web.AppKey("front", Front)
+RELAYED_CLOSE_CODES = {WSCloseCode.OK, WSCloseCode.GOING_AWAY, WSCloseCode.UNSUPPORTED_DATA,
+                       WSCloseCode.INVALID_TEXT, WSCloseCode.POLICY_VIOLATION, WSCloseCode.MESSAGE_TOO_BIG,
+                       WSCloseCode.INTERNAL_ERROR}
+
+
+def _relay(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+async def front_create(request: web.Request) -> web.Response:
+    front = request.app[FRONT]
+    body = await request.read()   # over the upload limit: 413
+    worker = front.place()
+    front.pending[worker.index] = front.pending.get(worker.index, 0) + 1
+    generation = worker.generation
+    try:
+        status, answer = await front.forward(request, worker, body)
+    except (aiohttp.ClientError, TimeoutError):
+        raise await front.unreachable(None, worker) from None
+    finally:
+        front.pending[worker.index] -= 1
+    if status != 201:
+        return _relay(status, answer)
+    created = json.loads(answer)
+    if worker.generation != generation or not worker.alive:
+        raise ApiError(503, "the worker died as the session was made; try again")
+    front.placements[created["id"]] = Placement(worker, generation)
+    front.counters["sessions_created"] += 1
+    return web.json_response({**created, "worker": worker.index}, status=201)
+
+
+async def front_forward(request: web.Request) -> web.Response:
+    """offer, speak, interrupt, delete: to the session's worker, its answer back as it is."""
+    front = request.app[FRONT]
+    session_id = request.match_info["id"]
+    placement = front.find(session_id)
+    try:
+        status, answer = await front.forward(request, placement.worker)
+    except (aiohttp.ClientError, TimeoutError):
+        raise await front.unreachable(session_id, placement.worker) from None
+    if status == 404 or (request.method == "DELETE" and status == 200):
+        front.placements.pop(session_id, None)
+    return _relay(status, answer)
+
+
+async def front_audio(request: web.Request) -> web.StreamResponse:
+    """The speech websocket, relayed message by message to the session's worker (and its complaints back)."""
+    front = request.app[FRONT]
+    assert front.http is not None
+    session_id = request.match_info["id"]
+    placement = front.find(session_id)
+    pcm_rate(request)
+    try:
+        upstream = await front.http.ws_connect(f"{placement.worker.url}{request.rel_url.path_qs}",
+                                               max_msg_size=MAX_PCM_MESSAGE_BYTES)
+    except aiohttp.WSServerHandshakeError as error:
+        raise ApiError(404 if error.status == 404 else 502, f"no session {session_id!r}" if error.status == 404
+                       else f"worker {placement.worker.index} refused the websocket ({error.status})") from None
+    except (aiohttp.ClientError, TimeoutError):
+        raise await front.unreachable(session_id, placement.worker) from None
+    socket = web.WebSocketResponse(max_msg_size=MAX_PCM_MESSAGE_BYTES)
+    front.sockets.setdefault(session_id, set()).add(socket)
+    try:
+        await socket.prepare(request)
+        await first_of(_pipe(socket, upstream), _pipe(upstream, socket))
+        if upstream.closed and upstream.close_code in RELAYED_CLOSE_CODES:
+            await socket.close(code=upstream.close_code)
+        else:   # the worker went away without a word
+            await socket.close(code=WSCloseCode.INTERNAL_ERROR, message=b"the session's worker stopped")
+    finally:
+        await upstream.close()
+        sockets = front.sockets.get(session_id, set())
+        sockets.discard(socket)
+        if not sockets:
+            front.sockets.pop(session_id, None)
+    return socket
+
+
+async def _pipe(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    """Text and binary messages from `source` to `sink` until either closes."""
+    async for message in source:
+        if sink.closed:
+            return
+        if message.type == WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif message.type == WSMsgType.TEXT:
+            await sink.send_str(message.data)
+
+
+async def front_health(request: web.Request) -> web.Response:
+    front = request.app[FRONT]
+    return web.json_response({"ok": True, "sessions": len(front.placements), "draining": front.draining,
+                              "workers": [worker.describe() for worker in front.pool.workers]})
+
+
+async def front_metrics(request: web.Request) -> web.Response:
+    """Every live worker's metrics, each sample labelled with its `worker`, and the front's own: one endpoint."""
+    front = request.app[FRONT]
+    assert front.http is not None
+    http = front.http
+
+    async def scrape(worker: Worker) -> str:
+        try:
+            async with http.get(f"{worker.url}/metrics", timeout=aiohttp.ClientTimeout(total=2)) as answer:
+                return await answer.text() if answer.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError):
+            return ""
+
+    live = front.pool.live()
+    families: dict[str, list[str]] = {}
+    for worker, text in zip(live, await asyncio.gather(*(scrape(worker) for worker in live))):
+        _merge_labelled(families, text, f'worker="{worker.index}"')
+    own = {"talkstream_workers_live": [f"talkstream_workers_live {len(live)}"],
+           "talkstream_worker_up": [f'talkstream_worker_up{{worker="{w.index}"}} {int(w.alive)}'
+                                    for w in front.pool.workers],
+           "talkstream_worker_restarts_total": [f'talkstream_worker_restarts_total{{worker="{w.index}"}} '
+                                                f"{w.restarts}" for w in front.pool.workers],
+           "talkstream_front_sessions": [f"talkstream_front_sessions {len(front.placements)}"]}
+    own.update({f"talkstream_front_{name}_total": [f"talkstream_front_{name}_total {value}"]
+                for name, value in front.counters.items()})
+    lines = []
+    for name, samples in own.items():
+        lines += [f"# TYPE {name} {'counter' if name.endswith('_total') else 'gauge'}", *samples]
+    for samples in families.values():
+        lines += samples
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def _merge_labelled(families: dict[str, list[str]], text: str, label: str) -> None:
+    """Prometheus text `text` into `families` (name -> its TYPE line, then its samples), `label` added to each
+    sample, so that one worker's samples join the others' under one TYPE line."""
+    family = ""
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            family = line.split()[2]
+            families.setdefault(family, [line])
+        elif line and not line.startswith("#") and family:
+            series, value = line.rsplit(" ", 1)
+            series = series.replace("{", f"{{{label},", 1) if series.endswith("}") else f"{series}{{{label}}}"
+            families[family].append(f"{series} {value}")
+
+
+def make_front_app(settings: ServerSettings, workers: Sequence[Worker], internal_token: str) -> web.Application:
+    """The front of `serve --workers N` / `serve --ray`: the same URLs as `make_app`, sessions held by `workers`
+    (which require `internal_token`)."""
+    front = Front(settings, workers, internal_token)
+    app = _base_app(settings, front.counters)
+    app[FRONT] = front
+    app.router.add_get("/healthz", front_health)
+    app.router.add_get("/metrics", front_metrics)
+    app.router.add_post("/api/sessions", front_create)
+    app.router.add_post("/api/sessions/{id}/offer", front_forward)
+    app.router.add_post("/api/sessions/{id}/speak", front_forward)
+    app.router.add_get("/api/sessions/{id}/audio", front_audio)
+    app.router.add_post("/api/sessions/{id}/interrupt", front_forward)
+    app.router.add_delete("/api/sessions/{id}", front_forward)
+
+    async def start(app: web.Application) -> None:
+        await front.start()
+
+    async def stop(app: web.Application) -> None:
+        await front.drain()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    return app
+
+
 SERVE_EXAMPLES = """examples:
-  talkstream serve                        # http://127.0.0.1:8080/ on this machine only
+  talkstream serve                        # http://127.0.0.1:8080/ on this machine only, a worker per core
+  talkstream serve --workers 0            # one process: its sessions on its own event loop
+  talkstream serve --ray auto             # the workers as Ray actors on every node of this machine's Ray cluster
   talkstream serve --host 0.0.0.0 --port 8080 --token "$(openssl rand -hex 16)" --preset balanced
   talkstream serve --codec H264 --max-sessions 8 --access-log
 """
@@ -540,7 +989,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ice-server", action="append", default=list(defaults.ice_servers), metavar="URL",
                         help="a STUN/TURN server (repeatable; default: none)")
     parser.add_argument("--max-sessions", type=positive(int), default=defaults.limits.max_sessions, metavar="N",
-                        help="sessions held at once; more are refused with 503 (default: %(default)s)")
+                        help="sessions each worker holds at once; more are refused with 503 (default: "
+                        "%(default)s)")
+    parser.add_argument("--workers", type=worker_count, default="auto", metavar="N",
+                        help="worker processes holding the sessions behind this one: auto (one per usable CPU "
+                        "core, or per visible GPU for the sadtalker backend) or a number; 0 holds them in this "
+                        "process (default: %(default)s)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="run the workers as Ray actors (pip install -e '.[cluster]'): ADDRESS is auto (the "
+                        "cluster this machine is in) or ray://HOST:PORT; none starts a local Ray runtime for this "
+                        "run (default: no Ray)")
     parser.add_argument("--cors-origin", default=defaults.cors_origin, help="allow this origin to call the API "
                         "(default: no CORS)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="debug adds aioice's and aiortc's "
@@ -553,7 +1011,18 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(host=args.host, port=args.port, token=args.token or None, preset=args.preset,
                           backend=args.backend, checkpoints=str(args.checkpoints) if args.checkpoints else None,
                           latency_ms=args.latency_ms, video_codec=args.codec, ice_servers=tuple(args.ice_server),
-                          cors_origin=args.cors_origin, limits=replace(Limits(), max_sessions=args.max_sessions))
+                          cors_origin=args.cors_origin, limits=replace(Limits(), max_sessions=args.max_sessions),
+                          workers=args.workers, ray=args.ray)
+
+
+def worker_count(text: str) -> int | None:
+    """--workers: "auto" (None) or a count, 0 and up."""
+    if text == "auto":
+        return None
+    count = int(text)
+    if count < 0:
+        raise ValueError(text)
+    return count
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -581,18 +1050,74 @@ def main(argv: list[str] | None = None) -> int:
         reason = os.strerror(error.errno) if error.errno else str(error)
         print(f"talkstream: error: cannot listen on {settings.host}:{settings.port}: {reason}", file=sys.stderr)
         return 2
+    try:
+        app = make_app(settings) if settings.workers == 0 and settings.ray is None else _front_app(settings)
+    except TalkstreamError as error:
+        listener.close()
+        print(f"talkstream: error: {error}", file=sys.stderr)
+        return 2
     print(f"talkstream: serving on {_page_url(settings)} (Ctrl-C stops)", file=sys.stderr, flush=True)
     if not is_loopback(settings.host):
         print("talkstream: browsers open the microphone only over HTTPS or on localhost; elsewhere the page "
               "connects without it", file=sys.stderr, flush=True)
-    web.run_app(make_app(settings), sock=listener, print=None, loop=_new_loop(),
+    web.run_app(app, sock=listener, print=None, loop=_new_loop(), shutdown_timeout=1.0,
                 access_log=logging.getLogger("aiohttp.access") if args.access_log else None)
     return 0
 
 
-def _configure_logging(level: str) -> None:
+def _front_app(settings: ServerSettings) -> web.Application:
+    """The front and its workers: processes on this machine, or Ray actors (Ray is imported only then)."""
+    gpus = visible_gpus() if settings.backend != "embedded" else []
+    count = settings.workers or len(gpus) or usable_cores()
+    internal_token = secrets.token_urlsafe(24)
+    worker_settings = settings.for_worker(internal_token)
+    workers: list[Worker]
+    if settings.ray is not None:
+        from stream.ray_workers import ray_workers
+
+        workers = ray_workers(count, WORKER_ENTRY, worker_settings.to_json(), settings.ray, gpus=bool(gpus))
+    else:
+        command = worker_command(WORKER_ENTRY)
+        workers = [ProcessWorker(index, [*command, worker_settings.to_json(), str(index)],
+                                 env={"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else None)
+                   for index in range(count)]
+    return make_front_app(settings, workers, internal_token)
+
+
+WORKER_ENTRY = "server:worker_main"
+
+
+def worker_main(argv: list[str]) -> int:
+    """A worker process behind a front: SETTINGS_JSON INDEX FD, FD a socket listening on 127.0.0.1 made by the
+    front. It ends on SIGTERM (its sessions closed first) and when its stdin ends (the front is gone)."""
+    settings, index, listener = ServerSettings.from_json(argv[0]), int(argv[1]), socket.socket(fileno=int(argv[2]))
+    cv2.setNumThreads(1)
+    _configure_logging("info", f"worker {index}: ")
+    app = make_app(settings)
+
+    async def watch_front(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+        async def wait_for_eof() -> None:
+            await reader.read()
+            LOG.warning("the front is gone: stopping")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        app[FRONT_WATCH] = asyncio.create_task(wait_for_eof(), name="talkstream-front-watch")
+
+    app.on_startup.append(watch_front)
+    web.run_app(app, sock=listener, print=None, loop=_new_loop(), shutdown_timeout=1.0, access_log=None)
+    return 0
+
+
+FRONT_WATCH = web.AppKey("front_watch", asyncio.Task)
+
+
+def _configure_logging(level: str, prefix: str = "") -> None:
     """Our lines at `level`; aioice's and aiortc's chatter (every candidate, every check) only when debugging."""
-    logging.basicConfig(level=level.upper(), format="talkstream: %(name)s: %(message)s")
+    logging.basicConfig(level=level.upper(), format=f"talkstream: {prefix}%(name)s: %(message)s")
     if level != "debug":
         for chatty in ("aioice", "aiortc"):
             logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -412,6 +412,10 @@ class LiveSession(Closing):
             self.pacer.speak(padding)
             self.pacer.end_utterance()
 
+    def queued_speech_s(self) -> float:
+        """Speech received and not yet played (s): what a sender that floods the session has piled up."""
+        return seconds_of_ns(self.pacer.queued_voice_ns)
+
     def interrupt(self) -> None:
         """Barge-in: the voice stops at the next block, the face relaxes at the next frame; the clock runs on."""
         self.pacer.interrupt()

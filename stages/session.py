@@ -60,7 +60,8 @@ from stream.presets import DEFAULT_PRESET, Preset, PresetBook, build_section, ch
 from stream.profile import Profiler, StageTimes
 
 BACKENDS = ("embedded", "sadtalker")
-WEBRTC_NAMES = ("BadOffer", "WebRtcPeer", "is_loopback", "restrict_ice_to", "use_live_encoders")
+WEBRTC_NAMES = ("BadOffer", "WebRtcPeer", "is_loopback", "live_peer_connections", "restrict_ice_to",
+                "use_live_encoders")
 # The door: the engine, and what its clients need of the stages (speech in, files out, landmarks); the WebRTC
 # names and `bench_live` come from `__getattr__` below, on first use.
 __all__ = [

@@ -11,6 +11,7 @@ import ipaddress
 import re
 import socket
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from fractions import Fraction
@@ -56,12 +57,21 @@ class BadOffer(ValueError):
 # ------------------------------------------------------------------------------------------------------- peer
 
 
+_PEER_CONNECTIONS: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
+
+
+def live_peer_connections() -> int:
+    """Peer connections made here that still exist (closed ones until they are collected): what a leak shows in."""
+    return len(_PEER_CONNECTIONS)
+
+
 class WebRtcPeer:
     """One peer connection of a live session: its face and voice out on one video and one audio track, the peer's
     microphone (if it sends one) spoken into the session; what the peer reports of our streams. `close()` ends it."""
 
     def __init__(self, live: LiveSession, *, video_codec: str, ice_servers: Sequence[str], name: str) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(url) for url in ice_servers]))
+        _PEER_CONNECTIONS.add(self.pc)
         audio_sender = self.pc.addTrack(PacedAudioTrack(live))
         self.video = PacedVideoTrack(live)
         video_sender = self.pc.addTrack(self.video)

@@ -226,6 +226,13 @@ class LivePacer:
         self._late_frames = 0
 
     @property
+    def queued_voice_ns(self) -> int:
+        """Voice scheduled past the media time now (ns)."""
+        if not self._utterances:
+            return 0
+        return max(0, ns_of_samples(self._utterances[-1].end_sample, self.timing.rate_hz) - self._media_now_ns())
+
+    @property
     def buffered_frames(self) -> int:
         """Rendered frames waiting for their slot."""
         return sum(len(utterance.frames) for utterance in self._utterances)

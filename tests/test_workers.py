@@ -1,0 +1,140 @@
+"""`talkstream serve --workers 2` as a user starts it, driven by plain aiortc peers: sessions land on both workers,
+their signalling and speech go through the front, a worker killed with SIGKILL loses only its own sessions (410), is
+restarted and counted, and SIGTERM drains the whole server within 5 s."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection
+
+from tests.conftest import SPEECH, ServeProcess
+from tests.test_serve import create, receive
+from tests.test_server import connect, stream_speech
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def example_speech_16k() -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    from stages.session import AudioReader
+
+    reader = AudioReader(SPEECH)
+    blocks = []
+    while (block := reader.read()) is not None:
+        blocks.append(block)
+    mono = np.concatenate(blocks).mean(axis=1)
+    return np.clip(resample_poly(mono, 16000, reader.format.rate_hz), -32768, 32767).astype(np.int16)
+
+
+async def health(http: aiohttp.ClientSession, base: str) -> dict:
+    return await (await http.get(f"{base}/healthz")).json()
+
+
+def metric(text: str, name: str, **labels: str) -> list[float]:
+    """The values of `name`'s samples whose labels include `labels`."""
+    values = []
+    for series, value in re.findall(rf"^{name}(\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE):
+        if all(f'{key}="{wanted}"' in series for key, wanted in labels.items()):
+            values.append(float(value))
+    return values
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:   # a zombie is gone for our purposes
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_sessions_spread_over_two_workers_survive_a_killed_one_and_drain_on_sigterm() -> None:
+    speech = example_speech_16k()
+    with ServeProcess("--workers", "2") as served:
+        base = served.base
+        peers: list[RTCPeerConnection] = []
+        async with aiohttp.ClientSession() as http:
+            workers = (await health(http, base))["workers"]
+            assert [worker["alive"] for worker in workers] == [True, True]
+            pids = {worker["worker"]: worker["pid"] for worker in workers}
+
+            first = await create(http, base, example="astronaut")
+            second = await create(http, base, example="astronaut")
+            assert {first["worker"], second["worker"]} == {0, 1}   # the least-loaded worker takes each
+            try:
+                for session in (first, second):
+                    peers.append(await connect(http, base, session["id"], RTCPeerConnection()))
+                doomed, survivor = peers
+                # Both speak, through the front's websocket relay; both faces arrive.
+                speaking = [asyncio.create_task(stream_speech(http, base, session["id"], speech[:16000 * 3]))
+                            for session in (first, second)]
+                (video_a, audio_a), (video_b, audio_b) = await asyncio.gather(receive(doomed, 4.0),
+                                                                               receive(survivor, 4.0))
+                await asyncio.gather(*speaking)
+                assert len(video_a) > 50 and len(video_b) > 50 and audio_a and audio_b
+                metrics = await (await http.get(f"{base}/metrics")).text()
+                for session in (first, second):
+                    worker = str(session["worker"])
+                    assert metric(metrics, "talkstream_frames_speech", worker=worker, session=session["id"])[0] > 0
+                repeated_before = metric(metrics, "talkstream_frames_repeated", session=second["id"])[0]
+
+                # SIGKILL the first session's worker: its session is gone (410), the other streams on.
+                os.kill(pids[first["worker"]], signal.SIGKILL)
+                killed_at = time.monotonic()
+                watching = asyncio.create_task(receive(survivor, 4.0))
+                while time.monotonic() - killed_at < 3:
+                    answer = await http.post(f"{base}/api/sessions/{first['id']}/interrupt")
+                    if answer.status == 410:
+                        break
+                    await asyncio.sleep(0.05)
+                assert answer.status == 410, await answer.text()
+                assert "worker" in (await answer.json())["error"]
+                for method, path in (("POST", "/speak"), ("POST", "/offer"), ("DELETE", ""), ("GET", "/audio")):
+                    answer = await http.request(method, f"{base}/api/sessions/{first['id']}{path}")
+                    assert answer.status == 410 and "error" in await answer.json(), (method, path)
+
+                third = await create(http, base, example="astronaut")   # placed on the live worker meanwhile
+                video_b, _ = await watching
+                fps = (len(video_b) - 1) / (video_b[-1][0] - video_b[0][0])
+                assert fps > 22, fps
+                metrics = await (await http.get(f"{base}/metrics")).text()
+                assert metric(metrics, "talkstream_frames_repeated", session=second["id"])[0] == repeated_before
+
+                # The killed worker comes back, with a new process, and is counted.
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    restarted = (await health(http, base))["workers"][first["worker"]]
+                    if restarted["alive"]:
+                        break
+                    await asyncio.sleep(0.2)
+                assert restarted["alive"] and restarted["restarts"] == 1 and restarted["pid"] != pids[first["worker"]]
+                metrics = await (await http.get(f"{base}/metrics")).text()
+                assert metric(metrics, "talkstream_worker_restarts_total", worker=str(first["worker"])) == [1.0]
+                assert metric(metrics, "talkstream_front_sessions_lost_total") == [1.0]
+                assert third["id"] not in (first["id"], second["id"])
+                pids = {worker["worker"]: worker["pid"] for worker in (await health(http, base))["workers"]}
+            finally:
+                # SIGTERM: the front drains (its workers close their peers) and exits within 5 s.
+                served.process.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                served.process.wait(10)
+                stopped_in = time.monotonic() - started
+                while peers and peers[-1].connectionState not in ("closed", "failed") \
+                        and time.monotonic() - started < 10:
+                    await asyncio.sleep(0.1)
+                told = peers[-1].connectionState if peers else None
+                for pc in peers:
+                    await pc.close()
+        assert stopped_in < 5.0, stopped_in
+        assert told == "closed", told   # the worker closed its peer, and said so
+        assert served.process.returncode == 0, served.log()
+        assert not [pid for pid in pids.values() if alive(pid)]
