@@ -776,8 +776,10 @@ class Front:
             return answer.status, await answer.read()
 
     async def unreachable(self, session_id: str | None, worker: Worker) -> ApiError:
-        """What to answer when `worker` did not: 410 if it died (the pool notices within a moment), else 502."""
-        for _ in range(10):
+        """What to answer when `worker` did not: 410 if it died (the pool, told, notices within a moment), else
+        502."""
+        self.pool.poke(worker)
+        for _ in range(40):
             if not worker.alive:
                 break
             await asyncio.sleep(0.05)
@@ -1062,6 +1064,10 @@ def main(argv: list[str] | None = None) -> int:
               "connects without it", file=sys.stderr, flush=True)
     web.run_app(app, sock=listener, print=None, loop=_new_loop(), shutdown_timeout=1.0,
                 access_log=logging.getLogger("aiohttp.access") if args.access_log else None)
+    if settings.ray is not None:
+        from stream.ray_workers import disconnect
+
+        disconnect()
     return 0
 
 
@@ -1075,7 +1081,8 @@ def _front_app(settings: ServerSettings) -> web.Application:
     if settings.ray is not None:
         from stream.ray_workers import ray_workers
 
-        workers = ray_workers(count, WORKER_ENTRY, worker_settings.to_json(), settings.ray, gpus=bool(gpus))
+        workers = ray_workers(settings.workers, RAY_WORKER_ENTRY, worker_settings.to_json(), settings.ray,
+                              gpus=settings.backend != "embedded")
     else:
         command = worker_command(WORKER_ENTRY)
         workers = [ProcessWorker(index, [*command, worker_settings.to_json(), str(index)],
@@ -1085,6 +1092,7 @@ def _front_app(settings: ServerSettings) -> web.Application:
 
 
 WORKER_ENTRY = "server:worker_main"
+RAY_WORKER_ENTRY = "server:start_worker_site"
 
 
 def worker_main(argv: list[str]) -> int:
@@ -1113,6 +1121,22 @@ def worker_main(argv: list[str]) -> int:
 
 
 FRONT_WATCH = web.AppKey("front_watch", asyncio.Task)
+
+
+async def start_worker_site(settings_json: str, node_address: str) -> tuple[str, web.AppRunner]:
+    """A worker's server on the running event loop (a Ray actor's): its URL, and the runner that stops it. It
+    listens on `node_address` (loopback when the front is), on a port of its own."""
+    settings = ServerSettings.from_json(settings_json)
+    if not (is_loopback(settings.host) or settings.host in ("0.0.0.0", "::")):
+        settings = replace(settings, host=node_address)   # peers reach this node at its own address
+    listen = "127.0.0.1" if is_loopback(settings.host) else node_address
+    cv2.setNumThreads(1)
+    runner = web.AppRunner(make_app(settings), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, listen, 0)
+    await site.start()
+    host, bound = runner.addresses[0][:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{bound}", runner
 
 
 def _configure_logging(level: str, prefix: str = "") -> None:

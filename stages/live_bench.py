@@ -35,19 +35,22 @@ BENCH_RATE_HZ = 16000   # what a microphone client sends
 
 
 async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[str], None], *,
-                     latency_ms: float | None = None, codec: str = "VP8", server_cpu: int | None = None
-                     ) -> dict[str, Any]:
+                     latency_ms: float | None = None, codec: str = "VP8", server_cpu: int | None = None,
+                     workers: int = 0, ray: bool = False) -> dict[str, Any]:
     """`sessions` peers on loopback against a server process of their own, each session spoken to in real time over
     the websocket by a speaker process of its own (so that the peers' decoding never delays the speech). Measures
     what the server process spends per frame it sends, what each peer receives, the delays from speech sent to its
     frame and its voice received, and (on the first peer, with dlib on the decoded frames) the mouth's onset against
-    the voice's and how soon an interrupt closes it."""
+    the voice's and how soon an interrupt closes it. `workers`: the server's worker processes behind its front (0:
+    the sessions in the server's own process); `ray`: those workers as Ray actors on a local runtime. The server's
+    cost is its whole process tree's (front, workers, Ray's own processes)."""
     import aiohttp
 
     port = _free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "stream.cli", "serve", "--port", str(port), "--preset", preset, "--codec", codec,
-        "--max-sessions", str(sessions), *(["--latency-ms", str(latency_ms)] if latency_ms else []),
+        "--max-sessions", str(sessions), "--workers", str(workers), *(["--ray"] if ray else []),
+        *(["--latency-ms", str(latency_ms)] if latency_ms else []),
         stderr=asyncio.subprocess.DEVNULL, cwd=ROOT)
     if server_cpu is not None:  # what one core sustains: the server on it, peers and speakers on the others
         try:
@@ -62,7 +65,7 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
     loop = asyncio.get_running_loop()
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(100):
+            for _ in range(1200):   # workers start (a Ray runtime too) before the front answers
                 with contextlib.suppress(aiohttp.ClientError):
                     if (await http.get(f"{base}/healthz")).status == 200:
                         break
@@ -91,7 +94,7 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
             assert speakers.stdin is not None and speakers.stdout is not None
             await speakers.stdout.readline()           # imported and connected: ready to speak
             await asyncio.sleep(1.0)
-            cpu_before, sent_before = _process_cpu_s(process.pid), _frames_sent(await _metrics(http, base))
+            cpu_before, sent_before = _tree_cpu_s(process.pid), _frames_sent(await _metrics(http, base))
             peers_cpu_before = _process_cpu_s(os.getpid())
             started = loop.time()
             speakers.stdin.write(b"go\n")
@@ -101,7 +104,7 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
             watching.cancel()
             spoken = json.loads((await speakers.communicate())[0])
             elapsed = loop.time() - started
-            cpu_after, metrics_after = _process_cpu_s(process.pid), await _metrics(http, base)
+            cpu_after, metrics_after = _tree_cpu_s(process.pid), await _metrics(http, base)
             peers_cpu = _process_cpu_s(os.getpid()) - peers_cpu_before
             sent_after = _frames_sent(metrics_after)
             server_latency = _per_session(metrics_after, "speech_to_frame_seconds")
@@ -119,7 +122,8 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
     sent = {key: sent_after[key] - sent_before.get(key, 0) for key in sent_after}
     frames = sent["speech"] + sent["idle"] + sent["repeated"]
     report = {
-        "sessions": sessions, "preset": preset, "codec": codec, "server_cpu": server_cpu,
+        "sessions": sessions, "workers": workers, "ray": ray, "preset": preset, "codec": codec,
+        "server_cpu": server_cpu,
         "seconds": round(elapsed, 2),
         "server_cpu_ms_per_session_frame": round(ms_of_seconds(cpu_after - cpu_before) / max(1, frames), 2),
         "server_cpu_cores": round((cpu_after - cpu_before) / elapsed, 2),
@@ -342,8 +346,8 @@ def _frames_sent(metrics: str) -> dict[str, float]:
 
 def _per_session(metrics: str, metric: str) -> dict[str, float]:
     """{session id: value} of one of the server's per-session metrics, from its /metrics text."""
-    return {session: float(value)
-            for session, value in re.findall(rf'talkstream_{metric}{{session="([^"]*)"}} (\S+)', metrics)}
+    return {session: float(value) for session, value
+            in re.findall(rf'^talkstream_{metric}{{(?:[^}}]*,)?session="([^"]*)"[^}}]*}} (\S+)$', metrics, re.M)}
 
 
 async def _watch_memory(pid: int, started: float, samples: list[tuple[float, float]]) -> None:
@@ -367,15 +371,44 @@ def _memory_growth(samples: list[tuple[float, float]]) -> dict[str, Any]:
 
 
 def _rss_mb(pid: int) -> float:
-    """Resident memory of process `pid` (Linux), MB."""
-    kilobytes = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return round(int(kilobytes.group(1)) / 1024, 1) if kilobytes else math.nan
+    """Resident memory of process `pid` and its descendants (Linux), MB."""
+    total = 0
+    for member in _tree(pid):
+        with contextlib.suppress(OSError):
+            kilobytes = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{member}/status").read_text())
+            total += int(kilobytes.group(1)) if kilobytes else 0
+    return round(total / 1024, 1) if total else math.nan
 
 
 def _process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of process `pid` and its descendants (a front's workers, Ray's processes) so far (Linux)."""
+    total = 0.0
+    for member in _tree(pid):
+        with contextlib.suppress(OSError):
+            total += _process_cpu_s(member)
+    return total
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process descended from it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        member = todo.pop()
+        tree.append(member)
+        todo += children.get(member, [])
+    return tree
 
 
 def _free_port() -> int:

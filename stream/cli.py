@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "preset's own)")
     bench.add_argument("--codec", choices=("VP8", "H264"), default="VP8", help="with --live: the video codec "
                        "(default: %(default)s)")
+    bench.add_argument("--workers", type=int, choices=range(0, 65), default=0, metavar="W", help="with --live: "
+                       "the server's worker processes behind its front, as `serve --workers` (default: %(default)s, "
+                       "the sessions in the server's own process)")
+    bench.add_argument("--ray", action="store_true", help="with --live: the workers as Ray actors on a local "
+                       "runtime, as `serve --ray` (needs the cluster extra)")
     bench.add_argument("--portrait", type=Path, default=EXAMPLE_PORTRAIT, help="the portrait of the enhancer "
                        "timing (default: the example)")
     bench.add_argument("--batches", type=sizes, default="1,4", metavar="SIZES",
@@ -290,7 +295,7 @@ def _bench(args: argparse.Namespace) -> int:
         with _live_packages():
             from stages.session import bench_live
         report = run_async(bench_live(args.live, args.seconds, preset, print, latency_ms=args.latency_ms,
-                                                 codec=args.codec, server_cpu=args.cpu))
+                                      codec=args.codec, server_cpu=args.cpu, workers=args.workers, ray=args.ray))
         if args.json:
             bench_output.write_json(args.json, report)
         return 0

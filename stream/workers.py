@@ -45,6 +45,8 @@ class Worker:
         self.alive = False             # launched, and heartbeating
         self.health: dict[str, Any] = {}
         self.last_beat = 0.0
+        self.refused = False           # its last heartbeat's connection was refused: nothing listens there now
+        self.poked = asyncio.Event()   # a request to it failed: read its heartbeat now
         self.restarts = 0
 
     async def launch(self) -> None:
@@ -152,21 +154,35 @@ class WorkerPool:
         raise WorkerLost(f"did not answer within {START_TIMEOUT_S:g} s of its start")
 
     async def _heartbeats(self, worker: Worker) -> str:
-        """Returns (why) once the worker has been silent for `STALE_AFTER_S`."""
+        """Returns (why) once the worker has been silent for `STALE_AFTER_S`, or refuses connections."""
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            if not await self.beat(worker) and time.monotonic() - worker.last_beat > STALE_AFTER_S:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(worker.poked.wait(), HEARTBEAT_S)
+            worker.poked.clear()
+            if await self.beat(worker):
+                continue
+            if worker.refused:
+                return "stopped listening"
+            if time.monotonic() - worker.last_beat > STALE_AFTER_S:
                 return f"sent no heartbeat for {STALE_AFTER_S:g} s"
+
+    def poke(self, worker: Worker) -> None:
+        """A request to `worker` failed: check it now rather than at its next heartbeat."""
+        worker.poked.set()
 
     async def beat(self, worker: Worker) -> bool:
         """Ask the worker how it is; whether it answered."""
         import aiohttp
 
+        worker.refused = False
         try:
             async with self._http.get(f"{worker.url}/healthz") as answer:
                 if answer.status != 200:
                     return False
                 worker.health = await answer.json()
+        except aiohttp.ClientConnectorError:
+            worker.refused = True
+            return False
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
         worker.last_beat = time.monotonic()

@@ -110,6 +110,10 @@ def _console_errors(page: Any) -> list[str]:
     return errors
 
 
+# Seconds of speech each session received, by the front's /metrics (every sample labelled with its worker).
+HEARD = r'(?m)^talkstream_speech_received_seconds\{worker="\d+",session="[^"]+"\} (\S+)$'
+
+
 async def _metric(page: Any, base: str, pattern: str) -> list[float]:
     text = await (await page.request.get(f"{base}/metrics")).text()
     return [float(value) for value in re.findall(pattern, text)]
@@ -117,7 +121,7 @@ async def _metric(page: Any, base: str, pattern: str) -> list[float]:
 
 async def _sessions_become_zero(page: Any, base: str) -> bool:
     for _ in range(20):
-        if await _metric(page, base, r"(?m)^talkstream_sessions (\S+)$") == [0.0]:
+        if await _metric(page, base, r"(?m)^talkstream_front_sessions (\S+)$") == [0.0]:
             return True
         await asyncio.sleep(0.25)
     return False
@@ -162,7 +166,7 @@ async def test_the_page_takes_its_presets_from_the_server_and_shows_its_errors(s
         await page.click("#connect")
         await page.wait_for_selector("#connect:enabled", timeout=90_000)
         offer_error = await page.text_content("#error")
-        created = await _metric(page, server, r"(?m)^talkstream_sessions_created_total (\S+)$")
+        created = await _metric(page, server, r"(?m)^talkstream_front_sessions_created_total (\S+)$")
         left_none = await _sessions_become_zero(page, server)
         connect_enabled = await page.is_enabled("#connect")
         status = await page.text_content("#status")
@@ -201,8 +205,7 @@ async def test_the_page_plays_the_avatar_and_sends_the_microphone(server: str) -
         error_shown = await page.text_content("#error")
         heard = 0.0
         for _ in range(20):
-            heard = max(await _metric(page, server, r'talkstream_speech_received_seconds\{session="[^"]+"\} (\S+)')
-                        or [0.0])
+            heard = max(await _metric(page, server, HEARD) or [0.0])
             if heard > 1.0:
                 break
             await asyncio.sleep(0.5)
@@ -249,7 +252,7 @@ async def test_off_localhost_the_page_connects_without_the_microphone(lan_server
         status, error_shown = await page.text_content("#status"), await page.text_content("#error")
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "browser-off-localhost.png"), full_page=True)
-        heard = await _metric(page, lan_server, r'talkstream_speech_received_seconds\{session="[^"]+"\} (\S+)')
+        heard = await _metric(page, lan_server, HEARD)
         await page.goto("about:blank")                      # leaving the page hangs up too (pagehide)
         left_none = await _sessions_become_zero(page, lan_server)
     assert not secure and not microphone_offered

@@ -1,6 +1,7 @@
-"""`talkstream serve --workers 2` as a user starts it, driven by plain aiortc peers: sessions land on both workers,
-their signalling and speech go through the front, a worker killed with SIGKILL loses only its own sessions (410), is
-restarted and counted, and SIGTERM drains the whole server within 5 s."""
+"""`talkstream serve --workers 2` and `talkstream serve --ray` as a user starts them, driven by plain aiortc peers:
+sessions land on both workers, their signalling and speech go through the front, a worker killed with SIGKILL loses
+only its own sessions (410), is restarted and counted, and SIGTERM drains the whole server (Ray's runtime too)
+within 5 s."""
 
 from __future__ import annotations
 
@@ -57,9 +58,30 @@ def alive(pid: int) -> bool:
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-async def test_sessions_spread_over_two_workers_survive_a_killed_one_and_drain_on_sigterm() -> None:
+def descendants(pid: int) -> list[int]:
+    """Every process descended from `pid` (a front's workers; Ray's runtime and actors)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except OSError:
+                continue
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["processes", "ray"])
+async def test_sessions_spread_over_two_workers_survive_a_killed_one_and_drain_on_sigterm(kind: str) -> None:
+    if kind == "ray":
+        pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
     speech = example_speech_16k()
-    with ServeProcess("--workers", "2") as served:
+    with ServeProcess(*(["--workers", "2"] if kind == "processes" else ["--ray"])) as served:
         base = served.base
         peers: list[RTCPeerConnection] = []
         async with aiohttp.ClientSession() as http:
@@ -122,14 +144,17 @@ async def test_sessions_spread_over_two_workers_survive_a_killed_one_and_drain_o
                 assert metric(metrics, "talkstream_front_sessions_lost_total") == [1.0]
                 assert third["id"] not in (first["id"], second["id"])
                 pids = {worker["worker"]: worker["pid"] for worker in (await health(http, base))["workers"]}
+                everything = descendants(served.process.pid)
+                assert set(pids.values()) <= set(everything)
             finally:
                 # SIGTERM: the front drains (its workers close their peers) and exits within 5 s.
                 served.process.send_signal(signal.SIGTERM)
                 started = time.monotonic()
-                served.process.wait(10)
+                await asyncio.to_thread(served.process.wait, 10)
                 stopped_in = time.monotonic() - started
-                while peers and peers[-1].connectionState not in ("closed", "failed") \
-                        and time.monotonic() - started < 10:
+                for _ in range(50):
+                    if not peers or peers[-1].connectionState in ("closed", "failed"):
+                        break
                     await asyncio.sleep(0.1)
                 told = peers[-1].connectionState if peers else None
                 for pc in peers:
@@ -137,4 +162,4 @@ async def test_sessions_spread_over_two_workers_survive_a_killed_one_and_drain_o
         assert stopped_in < 5.0, stopped_in
         assert told == "closed", told   # the worker closed its peer, and said so
         assert served.process.returncode == 0, served.log()
-        assert not [pid for pid in pids.values() if alive(pid)]
+        assert not [pid for pid in everything if alive(pid)]   # workers (and Ray's runtime) ended with it

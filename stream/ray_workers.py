@@ -1,0 +1,145 @@
+"""The workers as Ray actors (`serve --ray`): Ray's scheduler places them on the nodes of a cluster (a GPU each for a
+GPU backend, a CPU each otherwise) and restarts one that dies; the front watches them like its own processes.
+
+Imported only by `serve --ray`: Ray is in the `cluster` extra, and nothing else here needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from stream.errors import TalkstreamError
+from stream.workers import Worker
+
+try:
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+except ImportError as error:
+    raise TalkstreamError("serve --ray needs Ray, which is not installed: pip install -e '.[cluster]'") from error
+
+LOG = logging.getLogger("talkstream.ray")
+UNAVAILABLE_RETRY_S = 0.2   # while Ray restarts an actor, its calls fail at once: try again this often
+
+
+class WorkerActor:
+    """One worker inside a Ray actor's process: `entry` ("module:function", an async function of the settings and
+    the node's address that starts a server on the actor's event loop and returns its URL and runner)."""
+
+    def __init__(self, entry: str, settings_json: str) -> None:
+        self.entry = entry
+        self.settings_json = settings_json
+        self.url: str | None = None
+        self.runner: Any = None
+
+    async def start(self) -> tuple[str, int]:
+        """Its server's URL and the process id, the server started on the first call (after a restart too)."""
+        if self.url is None:
+            module, function = self.entry.split(":")
+            start: Callable[[str, str], Awaitable[tuple[str, Any]]] = getattr(importlib.import_module(module),
+                                                                               function)
+            self.url, self.runner = await start(self.settings_json, ray.util.get_node_ip_address())
+        return self.url, os.getpid()
+
+    async def wait_forever(self) -> None:
+        """Never returns: the caller's wait on it fails when this actor dies (Ray tells at once)."""
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        """Close the sessions (their peers are told) and the server."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner, self.url = None, None
+
+
+class RayWorker(Worker):
+    """A worker that is a Ray actor: launched by asking it to start, lost when Ray says it died or it stops
+    heartbeating; Ray itself restarts it (`max_restarts=-1`)."""
+
+    kind = "ray actor"
+
+    def __init__(self, index: int, actor: Any) -> None:
+        super().__init__(index)
+        self.actor = actor
+        self._dead = False
+
+    async def launch(self) -> None:
+        self._dead = False
+        while True:
+            try:
+                self.url, self.pid = await self.actor.start.remote()
+                return
+            except ActorUnavailableError:   # being restarted
+                await asyncio.sleep(UNAVAILABLE_RETRY_S)
+
+    async def died(self) -> str:
+        try:
+            await self.actor.wait_forever.remote()
+        except ActorUnavailableError as error:
+            self._dead = True
+            return f"became unavailable ({_first_line(error)})"
+        except RayActorError as error:
+            self._dead = True
+            return f"died ({_first_line(error)})"
+        return "returned"   # wait_forever never does
+
+    async def kill(self) -> None:
+        """A stuck actor is killed for Ray to restart; a dead one is already being restarted."""
+        if not self._dead:
+            ray.kill(self.actor, no_restart=False)
+
+    async def stop(self, grace_s: float) -> None:
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.actor.stop.remote().future()), grace_s)
+        except (TimeoutError, RayActorError):
+            pass
+        ray.kill(self.actor, no_restart=True)
+
+
+def ray_workers(count: int | None, entry: str, settings_json: str, address: str, *, gpus: bool) -> list[Worker]:
+    """Connect to Ray (`address`: "local" starts a runtime for this run; "auto" or ray://HOST:PORT joins a cluster)
+    and make `count` worker actors (None: one per GPU of the cluster for a GPU backend, else one per CPU)."""
+    try:
+        if address == "local":   # a runtime of its own, even where a cluster was started with `ray start`
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     # a dead actor is reported in 0.1-0.5 s rather than 1.2-1.7 s
+                     _system_config={"timeout_ms_task_wait_for_death_info": 100})
+        else:
+            _reachable(address)
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise TalkstreamError(f"cannot reach the Ray cluster at {address}: {_first_line(error)}") from None
+    resources = ray.cluster_resources()
+    per_worker = {"num_gpus": 1} if gpus and resources.get("GPU") else {"num_cpus": 1}
+    if count is None:
+        count = max(1, int(resources.get("GPU", 0) if "num_gpus" in per_worker else resources.get("CPU", 1)))
+    remote: Any = ray.remote   # (its typed overloads take no ** of options)
+    actor_class = remote(max_restarts=-1, max_task_retries=0, **per_worker)(WorkerActor)
+    LOG.info("ray: %d worker actors (%s each) on %d node(s)", count, per_worker, len(ray.nodes()))
+    return [RayWorker(index, actor_class.remote(entry, settings_json)) for index in range(count)]
+
+
+def _reachable(address: str) -> None:
+    """A named head that nothing answers at fails in 3 s with one line, not after Ray's 30 s (or longer) of
+    retries."""
+    if address == "auto":   # Ray itself fails at once when this machine is in no cluster
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except (OSError, ValueError) as error:
+        raise TalkstreamError(f"cannot reach the Ray cluster at {address}: {error}") from None
+
+
+def disconnect() -> None:
+    """Leave the cluster (a local runtime ends with it)."""
+    ray.shutdown()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
