@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -85,6 +85,10 @@ class Limits:
     max_speech_s: float = 120.0
     idle_timeout_s: float = 300.0      # a session nobody connects to or speaks to is closed
     vanished_after_s: float = 3.0      # a connected peer that sends nothing (RTP, RTCP, websocket) for this long
+    # A connection that has not sent a whole request this long after it opened (or after its last answer) is
+    # closed: slow-loris clients cannot hold the server's connections.
+    request_header_timeout_s: float = 15.0
+    upload_timeout_s: float = 60.0     # a request body (a portrait, speech) must arrive within this
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,9 +471,7 @@ async def metrics(request: web.Request) -> web.Response:
         lines.append(f"# TYPE talkstream_{metric} gauge")
         lines += [f'talkstream_{metric}{{session="{s.id}"}} {read(s)}' for s in server.sessions.values()]
     frames = sum(stats[s].speech_frames + stats[s].idle_frames + stats[s].repeated_frames for s in stats)
-    process = {"process_resident_memory_bytes": _rss_bytes(), "process_cpu_seconds": round(time.process_time(), 3),
-               "process_threads": threading.active_count(), "asyncio_tasks": len(asyncio.all_tasks()),
-               "peer_connections": live_peer_connections(),
+    process = {**_process_figures(), "peer_connections": live_peer_connections(),
                # what a frame costs while sessions send: the load of this process over the frames it sent
                "cpu_ms_per_session_frame": round(server.cpu_ms_per_frame(frames), 3)}
     for name, value in process.items():
@@ -515,7 +517,12 @@ class Upload:
 async def _form(request: web.Request) -> dict[str, Upload | str]:
     """The multipart (or urlencoded) fields of a request: files as `Upload`s, text as str."""
     try:
-        form = await request.post()
+        async with asyncio.timeout(request.app[SETTINGS].limits.upload_timeout_s):
+            form = await request.post()
+    except TimeoutError:
+        raise ApiError(408, "the upload was too slow") from None
+    except ConnectionResetError:
+        raise ApiError(400, "the upload was cut off") from None
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"the upload is over {request.app[SETTINGS].limits.max_upload_bytes // 2**20} "
                        "MiB") from None
@@ -551,6 +558,16 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
                 return width, height
             position += 2 + length
     return None
+
+
+def _process_figures() -> dict[str, float]:
+    """This process's resident memory, CPU time, threads (native ones too) and asyncio tasks: where a leak shows."""
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = threading.active_count()
+    return {"process_resident_memory_bytes": _rss_bytes(), "process_cpu_seconds": round(time.process_time(), 3),
+            "process_threads": threads, "asyncio_tasks": len(asyncio.all_tasks())}
 
 
 def _rss_bytes() -> int:
@@ -700,7 +717,10 @@ class Front:
         self.http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self.http = aiohttp.ClientSession(headers=self.pool.headers, connector=aiohttp.TCPConnector(limit=256),
+        # Connections to the workers are kept 5 s idle: a burst's connections (and their handlers in the worker)
+        # do not outlive it by long.
+        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=5)
+        self.http = aiohttp.ClientSession(headers=self.pool.headers, connector=connector,
                                           timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S, sock_connect=3))
         await self.pool.start()
 
@@ -767,13 +787,23 @@ class Front:
 
         return min(room, key=load)[1]
 
-    async def forward(self, request: web.Request, worker: Worker, body: bytes | None = None) -> tuple[int, bytes]:
-        """The request, as it came, to `worker`: its answer's status and body."""
+    async def forward(self, request: web.Request, worker: Worker) -> tuple[int, bytes]:
+        """The request, as it came, to `worker` (its body streamed through, never held here whole): its answer's
+        status and body. An upload over the limit is 413, one slower than the upload timeout 408."""
         assert self.http is not None
-        headers = {"Content-Type": request.headers["Content-Type"]} if "Content-Type" in request.headers else {}
-        async with self.http.request(request.method, f"{worker.url}{request.rel_url.path_qs}", headers=headers,
-                                     data=body if body is not None else await request.read()) as answer:
-            return answer.status, await answer.read()
+        limits = self.settings.limits
+        if (request.content_length or 0) > limits.max_upload_bytes:
+            raise ApiError(413, f"the upload is over {limits.max_upload_bytes // 2**20} MiB")
+        headers = {key: request.headers[key] for key in ("Content-Type", "Content-Length") if key in request.headers}
+        body = RelayedBody(request, limits) if request.body_exists else None
+        try:
+            async with self.http.request(request.method, f"{worker.url}{request.rel_url.path_qs}", headers=headers,
+                                         data=body.chunks() if body else None) as answer:
+                return answer.status, await answer.read()
+        except (aiohttp.ClientError, ApiError):
+            if body is not None and body.refused is not None:
+                raise body.refused from None
+            raise
 
     async def unreachable(self, session_id: str | None, worker: Worker) -> ApiError:
         """What to answer when `worker` did not: 410 if it died (the pool, told, notices within a moment), else
@@ -798,14 +828,42 @@ def _relay(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
+class RelayedBody:
+    """A request's body as it arrives, to be sent on; it stops past the upload limit or deadline, and says why in
+    `refused` (the client sending it fails, with its own error)."""
+
+    def __init__(self, request: web.Request, limits: Limits) -> None:
+        self.request = request
+        self.limits = limits
+        self.refused: ApiError | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        limits = self.limits
+        deadline = asyncio.get_running_loop().time() + limits.upload_timeout_s
+        seen = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await self.request.content.readany()
+            except TimeoutError:
+                self.refused = ApiError(408, "the upload was too slow")
+                raise self.refused from None
+            if not chunk:
+                return
+            seen += len(chunk)
+            if seen > limits.max_upload_bytes:
+                self.refused = ApiError(413, f"the upload is over {limits.max_upload_bytes // 2**20} MiB")
+                raise self.refused
+            yield chunk
+
+
 async def front_create(request: web.Request) -> web.Response:
     front = request.app[FRONT]
-    body = await request.read()   # over the upload limit: 413
     worker = front.place()
     front.pending[worker.index] = front.pending.get(worker.index, 0) + 1
     generation = worker.generation
     try:
-        status, answer = await front.forward(request, worker, body)
+        status, answer = await front.forward(request, worker)
     except (aiohttp.ClientError, TimeoutError):
         raise await front.unreachable(None, worker) from None
     finally:
@@ -910,6 +968,8 @@ async def front_metrics(request: web.Request) -> web.Response:
            "talkstream_front_sessions": [f"talkstream_front_sessions {len(front.placements)}"]}
     own.update({f"talkstream_front_{name}_total": [f"talkstream_front_{name}_total {value}"]
                 for name, value in front.counters.items()})
+    own.update({f"talkstream_front_{name}": [f"talkstream_front_{name} {value}"]
+                for name, value in _process_figures().items()})
     lines = []
     for name, samples in own.items():
         lines += [f"# TYPE {name} {'counter' if name.endswith('_total') else 'gauge'}", *samples]
@@ -1063,6 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
         print("talkstream: browsers open the microphone only over HTTPS or on localhost; elsewhere the page "
               "connects without it", file=sys.stderr, flush=True)
     web.run_app(app, sock=listener, print=None, loop=_new_loop(), shutdown_timeout=1.0,
+                keepalive_timeout=settings.limits.request_header_timeout_s,
                 access_log=logging.getLogger("aiohttp.access") if args.access_log else None)
     if settings.ray is not None:
         from stream.ray_workers import disconnect

@@ -61,8 +61,8 @@ _PEER_CONNECTIONS: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
 
 
 def live_peer_connections() -> int:
-    """Peer connections made here that still exist (closed ones until they are collected): what a leak shows in."""
-    return len(_PEER_CONNECTIONS)
+    """Peer connections made here and not closed: what a leaked session shows in."""
+    return sum(pc.connectionState != "closed" for pc in list(_PEER_CONNECTIONS))
 
 
 class WebRtcPeer:

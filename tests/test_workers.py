@@ -58,6 +58,11 @@ def alive(pid: int) -> bool:
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def loaded_libraries(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as maps:
+        return maps.read()
+
+
 def descendants(pid: int) -> list[int]:
     """Every process descended from `pid` (a front's workers; Ray's runtime and actors)."""
     children: dict[int, list[int]] = {}
@@ -146,6 +151,9 @@ async def test_sessions_spread_over_two_workers_survive_a_killed_one_and_drain_o
                 pids = {worker["worker"]: worker["pid"] for worker in (await health(http, base))["workers"]}
                 everything = descendants(served.process.pid)
                 assert set(pids.values()) <= set(everything)
+                if kind == "processes":   # plain serve never loads Ray (its native library would be mapped)
+                    for pid in (served.process.pid, *pids.values()):
+                        assert "_raylet" not in loaded_libraries(pid)
             finally:
                 # SIGTERM: the front drains (its workers close their peers) and exits within 5 s.
                 served.process.send_signal(signal.SIGTERM)
