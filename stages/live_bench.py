@@ -70,6 +70,7 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
                     if (await http.get(f"{base}/healthz")).status == 200:
                         break
                 await asyncio.sleep(0.1)
+            signalling = await _signalling_ms(http, base, speech)
             peers = []
             for _ in range(sessions):
                 form = aiohttp.FormData()
@@ -140,10 +141,68 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
         "interrupt_to_closed_mouth_ms": results[0]["interrupt_to_closed_mouth_ms"],
         # How much later video plays than audio by the RTP timestamps, in the first and the last 10 s of the run.
         "av_offset_ms_start_end": [result["av_offset_ms"] for result in results],
+        **signalling,
         **_memory_growth(memory),
     }
     log(json.dumps(report))
     return report
+
+
+SIGNALLING_REQUESTS = 50
+
+
+async def _signalling_ms(http: Any, base: str, speech: np.ndarray) -> dict[str, float]:
+    """Median time (ms) the server takes to answer an offer and a speak request (0.2 s of the example), over
+    `SIGNALLING_REQUESTS` of each, before any media flows: through a front, what it adds shows here."""
+    import aiohttp
+
+    async def create() -> str:
+        form = aiohttp.FormData()
+        form.add_field("example", "astronaut")
+        created = await (await http.post(f"{base}/api/sessions", data=form)).json()
+        if "id" not in created:
+            raise TalkstreamError(f"the server refused a session: {created.get('error')}")
+        return str(created["id"])
+
+    offers, speaks = [], []
+    for _ in range(SIGNALLING_REQUESTS):
+        session_id = await create()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        asked = time.monotonic()
+        answer = await http.post(f"{base}/api/sessions/{session_id}/offer",
+                                 json={"sdp": pc.localDescription.sdp, "type": "offer"})
+        await answer.read()
+        offers.append(time.monotonic() - asked)
+        await pc.close()
+        await http.delete(f"{base}/api/sessions/{session_id}")
+    session_id = await create()
+    clip = _wav(speech[:BENCH_RATE_HZ // 5], BENCH_RATE_HZ)
+    for _ in range(SIGNALLING_REQUESTS):
+        form = aiohttp.FormData()
+        form.add_field("audio", clip, filename="clip.wav")
+        asked = time.monotonic()
+        await (await http.post(f"{base}/api/sessions/{session_id}/speak", data=form)).read()
+        speaks.append(time.monotonic() - asked)
+    await http.delete(f"{base}/api/sessions/{session_id}")
+    return {"offer_ms_median": round(ms_of_seconds(float(np.median(offers))), 1),
+            "speak_ms_median": round(ms_of_seconds(float(np.median(speaks))), 1)}
+
+
+def _wav(samples: np.ndarray, rate: int) -> bytes:
+    """int16 mono samples as a WAV file's bytes."""
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(samples.astype("<i2").tobytes())
+    return out.getvalue()
 
 
 def _example_speech(rate: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from stream.workers import Worker
 
 try:
     import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 except ImportError as error:
     raise TalkstreamError("serve --ray needs Ray, which is not installed: pip install -e '.[cluster]'") from error
 
@@ -78,8 +78,11 @@ class RayWorker(Worker):
                 await asyncio.sleep(UNAVAILABLE_RETRY_S)
 
     async def died(self) -> str:
+        # Shielded: cancelling a wait on Ray's future makes Ray's client thread fail as it later settles it.
+        waiting = asyncio.wrap_future(self.actor.wait_forever.remote().future())
+        waiting.add_done_callback(_settled)
         try:
-            await self.actor.wait_forever.remote()
+            await asyncio.shield(waiting)
         except ActorUnavailableError as error:
             self._dead = True
             return f"became unavailable ({_first_line(error)})"
@@ -112,7 +115,7 @@ def ray_workers(count: int | None, entry: str, settings_json: str, address: str,
         else:
             _reachable(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except (ConnectionError, RuntimeError, ValueError, RayError) as error:   # no cluster, or not let in
         raise TalkstreamError(f"cannot reach the Ray cluster at {address}: {_first_line(error)}") from None
     resources = ray.cluster_resources()
     per_worker = {"num_gpus": 1} if gpus and resources.get("GPU") else {"num_cpus": 1}
@@ -139,6 +142,12 @@ def _reachable(address: str) -> None:
 def disconnect() -> None:
     """Leave the cluster (a local runtime ends with it)."""
     ray.shutdown()
+
+
+def _settled(future: asyncio.Future[Any]) -> None:
+    """Reads how a wait nobody awaits any more ended (so that asyncio does not report it as never retrieved)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _first_line(error: BaseException) -> str:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import wave
@@ -53,10 +54,17 @@ def as_typed_here(command: str, port: int) -> str:
     """The README's placeholders and port with this test's: nothing else changes."""
     command = command.replace("PORTRAIT AUDIO", "face.jpg talk.wav").replace("--checkpoints DIR",
                                                                            "--checkpoints ~/SadTalker/checkpoints")
-    if command.startswith("talkstream serve"):
+    if "talkstream serve" in command:
         command = command.replace("--port 8080", f"--port {port}") if "--port" in command else \
             f"{command} --port {port}"
-    return command
+    return command.replace("HEAD:", f"{_node_address()}:")   # a Ray head: this machine's (the cluster's node)
+
+
+def _node_address() -> str:
+    """The address Ray's services of this machine listen on: its own on the network."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 1))
+        return str(probe.getsockname()[0])
 
 
 # ---------------------------------------------------------------------------------------------------- the scene
@@ -218,7 +226,8 @@ def run_by_ci(command: str, work: Path, env: dict[str, str]) -> None:
     assert [line for line in ci if line and not line.startswith(("#", "set ", "cd "))] == [f"exec {command}"]
 
 
-EXTRA_MODULES = {"sadtalker": ("torch", "safetensors"), "enhance": ("torch", "torchvision", "gfpgan")}
+EXTRA_MODULES = {"sadtalker": ("torch", "safetensors"), "enhance": ("torch", "torchvision", "gfpgan"),
+                 "cluster": ("ray",)}
 
 
 def pip_installs(command: str, work: Path, env: dict[str, str]) -> None:
@@ -236,11 +245,13 @@ def serves(*, token: bool) -> Check:
     def check(command: str, work: Path, env: dict[str, str]) -> None:
         if token:
             _needs("openssl")
-        process = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=work, env=env, stderr=subprocess.PIPE,
-                                   text=True)
+        process = subprocess.Popen(["bash", "-c", f"exec env {command}"], cwd=work, env=env,
+                                   stderr=subprocess.PIPE, text=True)
         try:
             port = int(re.search(r"--port (\d+)", command).group(1))
-            started = process.stderr.readline()
+            for _ in range(50):   # Ray says a few things of its own first
+                if "serving on" in (started := process.stderr.readline()) or not started:
+                    break
             assert f":{port}/" in started, started + (process.stderr.read() if process.poll() is not None else "")
             secret = re.search(r"#token=(\w+)", started).group(1) if token else None
             asyncio.run(_json_api(f"http://127.0.0.1:{port}", secret))
@@ -275,6 +286,27 @@ async def _json_api(base: str, token: str | None) -> None:
         assert (await http.delete(f"{session}")).status == 200
         await pc.close()
     assert frames[-1].width == 512 and frames[-1].pts > frames[0].pts
+
+
+def ray_head(command: str, work: Path, env: dict[str, str]) -> None:
+    """A Ray cluster's head starts as typed; it is stopped after."""
+    try:
+        result = _run(command, work, env, timeout=180)
+        assert "Ray runtime started" in result.stdout + result.stderr
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def on_a_ray_cluster(check: Check) -> Check:
+    """The README's head first (the line before), then the command as typed; the cluster stopped after."""
+    def run(command: str, work: Path, env: dict[str, str]) -> None:
+        try:
+            _run("ray start --head --num-cpus 2", work, env, timeout=180)
+            check(command, work, env)
+        finally:
+            subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+    return run
 
 
 def plays(*tools: str) -> Check:
@@ -366,6 +398,14 @@ RUNS: dict[str, Check] = {
     "talkstream serve": serves(token=False),
     'talkstream serve --host 0.0.0.0 --port 8080 --token "$(openssl rand -hex 16)" --preset balanced':
         serves(token=True),
+    "talkstream serve --workers 4 --max-sessions 4": serves(token=False),
+    "talkstream serve --workers 0": serves(token=False),
+    "pip install -e '.[cluster]'": pip_installs,
+    "talkstream serve --ray": needs_extra("ray", serves(token=False)),
+    "ray start --head --num-cpus 2": needs_extra("ray", ray_head),
+    "talkstream serve --ray auto --host 0.0.0.0": needs_extra("ray", on_a_ray_cluster(serves(token=False))),
+    "talkstream serve --ray ray://HEAD:10001":
+        needs_extra("ray", on_a_ray_cluster(serves(token=False))),
     "python examples/live_session.py": live_example,
     "python examples/continuous_session.py": continuous_example,
     "python -m tests.face_report --out face-report": face_report,

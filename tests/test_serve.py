@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import os
 import socket
 import subprocess
+from pathlib import Path
 
 import aiohttp
 import cv2
@@ -18,7 +20,7 @@ from aiortc import RTCPeerConnection
 
 from server import ServerSettings, build_parser, settings_from
 from stages.portrait import DlibDetector
-from tests.conftest import PORTRAIT, ROOT, SPEECH, ServeProcess, talkstream_command
+from tests.conftest import PORTRAIT, ROOT, SPEECH, ServeProcess, free_port, talkstream_command
 from tests.quality import mouth_geometry, stack_landmarks
 from tests.test_server import collect, connect
 
@@ -164,6 +166,23 @@ def test_an_unknown_preset_stops_serve_before_it_listens() -> None:
     result = subprocess.run([*talkstream_command(), "serve", "--preset", "turbo"], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 2 and "unknown preset 'turbo'" in result.stderr and "serving" not in result.stderr
+
+
+@pytest.mark.parametrize("address", ["auto", "ray://127.0.0.1:9"], ids=["auto", "closed-port"])
+def test_serve_with_no_ray_cluster_there_is_one_line_and_exit_2(address: str, tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run([*talkstream_command(), "serve", "--ray", address, "--port", str(free_port())], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path, env={**environment, "PYTHONPATH": str(ROOT)})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("talkstream: error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert errors == [errors[0]] and f"cannot reach the Ray cluster at {address}" in errors[0], result.stderr
+
+
+def test_a_negative_worker_count_is_a_usage_error() -> None:
+    result = subprocess.run([*talkstream_command(), "serve", "--workers", "-1"], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and "--workers" in result.stderr and "Traceback" not in result.stderr
 
 
 async def test_an_unexpected_failure_is_a_json_500_and_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
