@@ -172,8 +172,9 @@ def test_an_unknown_preset_stops_serve_before_it_listens() -> None:
 def test_serve_with_no_ray_cluster_there_is_one_line_and_exit_2(address: str, tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    result = subprocess.run([*talkstream_command(), "serve", "--ray", address, "--port", str(free_port())], capture_output=True,
-                            text=True, timeout=60, cwd=tmp_path, env={**environment, "PYTHONPATH": str(ROOT)})
+    command = [*talkstream_command(), "serve", "--ray", address, "--port", str(free_port())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            env={**environment, "PYTHONPATH": str(ROOT)})
     errors = [line for line in result.stderr.splitlines() if line.startswith("talkstream: error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert errors == [errors[0]] and f"cannot reach the Ray cluster at {address}" in errors[0], result.stderr
