@@ -561,13 +561,17 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _process_figures() -> dict[str, float]:
-    """This process's resident memory, CPU time, threads (native ones too) and asyncio tasks: where a leak shows."""
+    """This process's resident memory, CPU time, threads (native ones too), open HTTP connections and asyncio tasks
+    (besides those connections' own): where a leak shows."""
     try:
         threads = len(os.listdir("/proc/self/task"))
     except OSError:
         threads = threading.active_count()
+    tasks = asyncio.all_tasks()
+    connections = sum(getattr(task.get_coro(), "__qualname__", "") == "RequestHandler.start" for task in tasks)
     return {"process_resident_memory_bytes": _rss_bytes(), "process_cpu_seconds": round(time.process_time(), 3),
-            "process_threads": threads, "asyncio_tasks": len(asyncio.all_tasks())}
+            "process_threads": threads, "http_connections": connections,
+            "asyncio_tasks": len(tasks) - connections}   # besides each open connection's own
 
 
 def _rss_bytes() -> int:

@@ -312,26 +312,33 @@ async def test_a_client_flooding_speak_is_told_to_wait(served: ServeProcess) -> 
         answer = await http.post(f"{base}/api/sessions/{session_id}/speak", data=form)
         return answer.status, await answer.json()
 
-    async def flood(http: aiohttp.ClientSession) -> None:
-        session = await create(http, base, example="astronaut")
-        at_once = await asyncio.gather(*(speak(http, session["id"]) for _ in range(20)))
+    async def flood(http: aiohttp.ClientSession, session_id: str) -> None:
+        at_once = await asyncio.gather(*(speak(http, session_id) for _ in range(20)))
         statuses = [status for status, _ in at_once]
         assert set(statuses) == {200, 429}, statuses   # two are decoded at a time; the rest are told to wait
         assert all("error" in body for status, body in at_once if status == 429)
         one_by_one = []
         for _ in range(20):   # 120 s of speech queued is the most a session takes
-            status, body = await speak(http, session["id"])
+            status, body = await speak(http, session_id)
             one_by_one.append(status)
             if status == 429:
                 assert "still to say" in body["error"]
                 break
         assert one_by_one[-1] == 429 and 200 in one_by_one, one_by_one
-        assert (await http.post(f"{base}/api/sessions/{session['id']}/interrupt")).status == 200
-        assert (await speak(http, session["id"]))[0] == 200   # the queue emptied: speech is taken again
-        assert (await http.delete(f"{base}/api/sessions/{session['id']}")).status == 200
+        assert (await http.post(f"{base}/api/sessions/{session_id}/interrupt")).status == 200
+        assert (await speak(http, session_id))[0] == 200   # the queue emptied: speech is taken again
+
+    async def flood_every_worker(http: aiohttp.ClientSession) -> None:
+        """A session on each worker (held at once, they land on different ones), each flooded in turn."""
+        workers = len((await (await http.get(f"{base}/healthz")).json())["workers"])
+        sessions = [await create(http, base, example="astronaut") for _ in range(workers)]
+        assert sorted(session["worker"] for session in sessions) == list(range(workers))
+        for session in sessions:
+            await flood(http, session["id"])
+            assert (await http.delete(f"{base}/api/sessions/{session['id']}")).status == 200
 
     async with aiohttp.ClientSession() as http:
-        await flood(http)   # the first flood sets memory's high-water mark: a second must cost nothing more
+        await flood_every_worker(http)   # the first floods set memory's high-water mark: the next cost no more
         before = await settled(base)
-        await flood(http)
+        await flood_every_worker(http)
     assert not (problems := await back_to(before, base)), problems
