@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -54,7 +55,6 @@ from stages.session import (
 from stream.arguments import Parser, existing_dir, port, positive
 from stream.errors import TalkstreamError
 from stream.workers import (
-    STALE_AFTER_S,
     ProcessWorker,
     Worker,
     WorkerPool,
@@ -73,6 +73,7 @@ TOKEN_VARIABLE = "TALKSTREAM_TOKEN"
 PCM_DEFAULT_RATE_HZ = 16000   # the speech websocket's rate when `?rate=` is not given: a microphone's
 MAX_PCM_MESSAGE_BYTES = 2**20   # one websocket message of speech: 32 s at 16 kHz
 MAX_SPEAK_DECODING = 2        # speak requests of one session decoded at once; more are refused (429)
+MAX_SPEECH_SOCKETS = 4        # speech websockets open at once on one session
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +232,8 @@ class Server:
             raise ApiError(503, f"the server is full ({limits.max_sessions} sessions); try again later")
         self.preparing += 1
         try:
-            avatar = await self.avatars.get((_digest(portrait), preset),
-                                            lambda: self._run_prepare(portrait, preset, name))
+            digest = await asyncio.get_running_loop().run_in_executor(None, _digest, portrait)
+            avatar = await self.avatars.get((digest, preset), lambda: self._run_prepare(portrait, preset, name))
         finally:
             self.preparing -= 1
         session = LiveAvatarSession(secrets.token_urlsafe(12), avatar,
@@ -403,12 +404,23 @@ async def audio_socket(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
     session = server.get(request.match_info["id"])
     rate = pcm_rate(request)
+    if len(session.sockets) >= MAX_SPEECH_SOCKETS:
+        raise ApiError(429, f"this session already has {MAX_SPEECH_SOCKETS} speech websockets open")
     socket = web.WebSocketResponse(max_msg_size=MAX_PCM_MESSAGE_BYTES)
     await socket.prepare(request)
+    if session.closed:   # hung up while the socket opened
+        await socket.close(code=WSCloseCode.GOING_AWAY, message=b"the session ended")
+        return socket
     session.sockets.add(socket)
+    limit_s = server.settings.limits.max_speech_s
     try:
         async for message in socket:
             session.touch()
+            if session.live.queued_speech_s() > limit_s:
+                await socket.send_json({"error": f"over {limit_s:g} s of speech is still to say; send it as it is "
+                                        "spoken"})
+                await socket.close(code=WSCloseCode.POLICY_VIOLATION)
+                break
             if message.type == WSMsgType.BINARY and len(message.data) % 2 == 0:
                 if message.data:   # an empty message is no speech (and nothing to resample)
                     session.live.push(np.frombuffer(message.data, "<i2"), rate)
@@ -716,6 +728,7 @@ class Front:
         self.gone: OrderedDict[str, str] = OrderedDict()
         self.pending: dict[int, int] = {}                 # sessions being created, by worker
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
+        self.closing: set[asyncio.Future[bool]] = set()    # websockets being closed
         self.draining = False
         self.counters = {"sessions_created": 0, "sessions_lost": 0, "requests_refused": 0, "requests_failed": 0}
         self.http: aiohttp.ClientSession | None = None
@@ -746,6 +759,11 @@ class Front:
                 del self.placements[session_id]
                 self._forget(session_id, reason)
                 self.counters["sessions_lost"] += 1
+                for socket in self.sockets.pop(session_id, ()):   # a worker cut off (not dead) would not close them
+                    closing = asyncio.ensure_future(socket.close(code=WSCloseCode.INTERNAL_ERROR,
+                                                                 message=b"the session's worker stopped"))
+                    self.closing.add(closing)
+                    closing.add_done_callback(self.closing.discard)
 
     def _forget(self, session_id: str, reason: str) -> None:
         self.gone[session_id] = reason
@@ -766,12 +784,12 @@ class Front:
     def held(self, worker: Worker) -> int:
         """Sessions on `worker`: those placed on it that it still reports, and those being created there."""
         reported = set(worker.health.get("session_ids", ()))
-        settled = worker.last_beat - STALE_AFTER_S   # a session placed before this shows in the latest heartbeat
         for session_id, placement in list(self.placements.items()):
-            if placement.worker is worker and placement.since < settled and session_id not in reported:
-                del self.placements[session_id]       # it ended there (idle, its peer left)
-        placed = sum(placement.worker is worker for placement in self.placements.values())
-        return placed + self.pending.get(worker.index, 0)
+            # placed before the latest heartbeat was asked for, and not in it: it ended there (idle, its peer left)
+            if placement.worker is worker and placement.since < worker.beat_asked and session_id not in reported:
+                del self.placements[session_id]
+        placed = {session_id for session_id, placement in self.placements.items() if placement.worker is worker}
+        return len(placed | reported) + self.pending.get(worker.index, 0)
 
     def place(self) -> Worker:
         """The live worker with the most room: the fewest sessions, then the least CPU busy, a worker whose frames
@@ -932,13 +950,14 @@ async def front_audio(request: web.Request) -> web.StreamResponse:
 async def _pipe(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
                 sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
     """Text and binary messages from `source` to `sink` until either closes."""
-    async for message in source:
-        if sink.closed:
-            return
-        if message.type == WSMsgType.BINARY:
-            await sink.send_bytes(message.data)
-        elif message.type == WSMsgType.TEXT:
-            await sink.send_str(message.data)
+    with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):   # the other side went away mid-send
+        async for message in source:
+            if sink.closed:
+                return
+            if message.type == WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif message.type == WSMsgType.TEXT:
+                await sink.send_str(message.data)
 
 
 async def front_health(request: web.Request) -> web.Response:
@@ -1146,11 +1165,11 @@ def _front_app(settings: ServerSettings) -> web.Application:
     if settings.ray is not None:
         from stream.ray_workers import ray_workers
 
-        workers = ray_workers(settings.workers, RAY_WORKER_ENTRY, worker_settings.to_json(), settings.ray,
+        workers = ray_workers(settings.workers or None, RAY_WORKER_ENTRY, worker_settings.to_json(), settings.ray,
                               gpus=settings.backend != "embedded")
     else:
         command = worker_command(WORKER_ENTRY)
-        workers = [ProcessWorker(index, [*command, worker_settings.to_json(), str(index)],
+        workers = [ProcessWorker(index, [*command, str(index)], first_line=worker_settings.to_json(),
                                  env={"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else None)
                    for index in range(count)]
     return make_front_app(settings, workers, internal_token)
@@ -1161,9 +1180,11 @@ RAY_WORKER_ENTRY = "server:start_worker_site"
 
 
 def worker_main(argv: list[str]) -> int:
-    """A worker process behind a front: SETTINGS_JSON INDEX FD, FD a socket listening on 127.0.0.1 made by the
-    front. It ends on SIGTERM (its sessions closed first) and when its stdin ends (the front is gone)."""
-    settings, index, listener = ServerSettings.from_json(argv[0]), int(argv[1]), socket.socket(fileno=int(argv[2]))
+    """A worker process behind a front: INDEX FD, FD a socket listening on 127.0.0.1 made by the front, its settings
+    the first line of stdin (they hold the front's token: not on a command line anyone can read). It ends on SIGTERM
+    (its sessions closed first) and when its stdin ends (the front is gone)."""
+    index, listener = int(argv[0]), socket.socket(fileno=int(argv[1]))
+    settings = ServerSettings.from_json(sys.stdin.buffer.readline().decode())
     cv2.setNumThreads(1)
     _configure_logging("info", f"worker {index}: ")
     app = make_app(settings)

@@ -69,6 +69,7 @@ class RayWorker(Worker):
         self._dead = False
 
     async def launch(self) -> None:
+        """(The pool gives up after its start timeout.)"""
         self._dead = False
         while True:
             try:
@@ -83,8 +84,7 @@ class RayWorker(Worker):
         waiting.add_done_callback(_settled)
         try:
             await asyncio.shield(waiting)
-        except ActorUnavailableError as error:
-            self._dead = True
+        except ActorUnavailableError as error:   # it may come back as it was: killed, so that it restarts clean
             return f"became unavailable ({_first_line(error)})"
         except RayActorError as error:
             self._dead = True
@@ -92,16 +92,19 @@ class RayWorker(Worker):
         return "returned"   # wait_forever never does
 
     async def kill(self) -> None:
-        """A stuck actor is killed for Ray to restart; a dead one is already being restarted."""
+        """A stuck or unreachable actor is killed for Ray to restart; a dead one is already being restarted."""
         if not self._dead:
             ray.kill(self.actor, no_restart=False)
 
     async def stop(self, grace_s: float) -> None:
+        stopping = asyncio.wrap_future(self.actor.stop.remote().future())
+        stopping.add_done_callback(_settled)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(self.actor.stop.remote().future()), grace_s)
-        except (TimeoutError, RayActorError):
+            await asyncio.wait_for(asyncio.shield(stopping), grace_s)
+        except (TimeoutError, RayError):
             pass
-        ray.kill(self.actor, no_restart=True)
+        finally:
+            ray.kill(self.actor, no_restart=True)
 
 
 def ray_workers(count: int | None, entry: str, settings_json: str, address: str, *, gpus: bool) -> list[Worker]:

@@ -45,6 +45,7 @@ class Worker:
         self.alive = False             # launched, and heartbeating
         self.health: dict[str, Any] = {}
         self.last_beat = 0.0
+        self.beat_asked = 0.0          # when the latest heartbeat answered was asked for
         self.refused = False           # its last heartbeat's connection was refused: nothing listens there now
         self.poked = asyncio.Event()   # a request to it failed: read its heartbeat now
         self.restarts = 0
@@ -116,15 +117,19 @@ class WorkerPool:
             launched = loop.time()
             try:
                 worker.generation += 1
-                await worker.launch()
+                try:
+                    async with asyncio.timeout(START_TIMEOUT_S):
+                        await worker.launch()
+                except TimeoutError:
+                    raise WorkerLost(f"did not start within {START_TIMEOUT_S:g} s") from None
                 await self._first_beat(worker)
                 worker.alive = True
                 LOG.info("%s %d: live at %s (pid %s)", worker.kind, worker.index, worker.url, worker.pid)
                 if not ready.done():
                     ready.set_result(None)
                 why = str(await first_of(worker.died(), self._heartbeats(worker)))
-            except WorkerLost as error:
-                why = str(error)
+            except Exception as error:  # noqa: BLE001 - whatever ended it (a launch that failed too), restart it
+                why = str(error) if isinstance(error, WorkerLost) else f"failed: {error!r}"
                 if not ready.done():   # the front starts without it; it is restarted below
                     ready.set_result(None)
             worker.alive = False
@@ -133,7 +138,8 @@ class WorkerPool:
             LOG.warning("%s %d %s; restarting it", worker.kind, worker.index, why)
             worker.restarts += 1
             self.on_lost(worker, why)
-            await worker.kill()
+            with contextlib.suppress(Exception):   # a kill that fails leaves it to the next launch
+                await worker.kill()
             # A worker that ran a while restarts at once; one that dies as it starts waits longer each time.
             delay = RESTART_DELAY_S[0] if loop.time() - launched > 30 else min(2 * delay, RESTART_DELAY_S[1])
             await asyncio.sleep(delay)
@@ -175,6 +181,7 @@ class WorkerPool:
         import aiohttp
 
         worker.refused = False
+        asked = time.monotonic()
         try:
             async with self._http.get(f"{worker.url}/healthz") as answer:
                 if answer.status != 200:
@@ -185,7 +192,7 @@ class WorkerPool:
             return False
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
-        worker.last_beat = time.monotonic()
+        worker.last_beat, worker.beat_asked = time.monotonic(), asked
         return True
 
 
@@ -204,13 +211,17 @@ async def first_of(*waits: Awaitable[Any]) -> Any:
 class ProcessWorker(Worker):
     """A child process of this one: `command + [FD]`, where FD is a listening socket on 127.0.0.1 made here (so its
     address is known before it starts). It runs in a session of its own (a terminal's Ctrl-C reaches only the front,
-    which stops the workers in order) and reads its stdin: at EOF, when the front is gone however it died, it ends."""
+    which stops the workers in order) and reads its stdin: a first line, then, at EOF, when the front is gone however
+    it died, it ends."""
 
     kind = "worker"
 
-    def __init__(self, index: int, command: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, index: int, command: Sequence[str], *, first_line: str = "",
+                 env: dict[str, str] | None = None) -> None:
+        """`first_line`: written to its stdin as it starts (what must not show on its command line)."""
         super().__init__(index)
         self.command = list(command)
+        self.first_line = first_line
         self.env = env
         self.process: asyncio.subprocess.Process | None = None
 
@@ -224,6 +235,8 @@ class ProcessWorker(Worker):
         finally:
             listener.close()
         self.pid = self.process.pid
+        assert self.process.stdin is not None
+        self.process.stdin.write(self.first_line.encode() + b"\n")
 
     async def died(self) -> str:
         assert self.process is not None
