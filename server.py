@@ -65,6 +65,7 @@ from stream.workers import (
 )
 
 LOG = logging.getLogger("talkstream.server")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVER_FILE = Path(__file__).resolve()
 EXAMPLES = {"astronaut": SERVER_FILE.parent / "examples" / "astronaut.png"}
 PAGE_DIR = SERVER_FILE.parent / "stages" / "page"   # the page's HTML, script, style and icon
@@ -611,8 +612,7 @@ def _decode_speech(upload: Upload, max_seconds: float) -> tuple[np.ndarray, int]
 
 
 @web.middleware
-async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                         ) -> web.StreamResponse:
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every answer of 400 and above is `{"error": "..."}`; an unexpected failure is logged here (with its traceback)
     and answered 500 with one line, never a traceback."""
     settings, counters = request.app[SETTINGS], request.app[COUNTERS]
@@ -653,8 +653,16 @@ def _authorised(request: web.Request, token: str) -> bool:
     return secrets.compare_digest(given.encode(), token.encode())
 
 
-def _base_app(settings: ServerSettings, counters: dict[str, int]) -> web.Application:
-    """What a server and a front share: errors as JSON, the token, CORS, the page and its settings."""
+# The API's routes, the same in one process and behind a front: (method, path) by what they do.
+API_ROUTES = {"health": ("GET", "/healthz"), "metrics": ("GET", "/metrics"), "create": ("POST", "/api/sessions"),
+              "offer": ("POST", "/api/sessions/{id}/offer"), "speak": ("POST", "/api/sessions/{id}/speak"),
+              "audio": ("GET", "/api/sessions/{id}/audio"), "interrupt": ("POST", "/api/sessions/{id}/interrupt"),
+              "delete": ("DELETE", "/api/sessions/{id}")}
+
+
+def _base_app(settings: ServerSettings, counters: dict[str, int], handlers: dict[str, Handler]) -> web.Application:
+    """What a server and a front share: errors as JSON, the token, CORS, the page and its settings, the API's
+    routes (`handlers` by the names of `API_ROUTES`)."""
     app = web.Application(middlewares=[errors_as_json], client_max_size=settings.limits.max_upload_bytes)
     app[SETTINGS] = settings
     app[COUNTERS] = counters
@@ -662,22 +670,18 @@ def _base_app(settings: ServerSettings, counters: dict[str, int]) -> web.Applica
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_static("/page/", PAGE_DIR)
     app.router.add_get("/api/config", config)
+    for name, (method, path) in API_ROUTES.items():
+        app.router.add_route(method, path, handlers[name])
     return app
 
 
 def make_app(settings: ServerSettings) -> web.Application:
     """The server of one process: its sessions live here (`serve --workers 0`, and each worker behind a front)."""
     server = Server(settings)
-    app = _base_app(settings, server.counters)
+    app = _base_app(settings, server.counters, {
+        "health": health, "metrics": metrics, "create": create_session, "offer": offer, "speak": speak,
+        "audio": audio_socket, "interrupt": interrupt, "delete": delete_session})
     app[SERVER] = server
-    app.router.add_get("/healthz", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/api/sessions", create_session)
-    app.router.add_post("/api/sessions/{id}/offer", offer)
-    app.router.add_post("/api/sessions/{id}/speak", speak)
-    app.router.add_get("/api/sessions/{id}/audio", audio_socket)
-    app.router.add_post("/api/sessions/{id}/interrupt", interrupt)
-    app.router.add_delete("/api/sessions/{id}", delete_session)
 
     async def start(app: web.Application) -> None:
         restrict_ice_to(settings.host)
@@ -1019,16 +1023,10 @@ def make_front_app(settings: ServerSettings, workers: Sequence[Worker], internal
     """The front of `serve --workers N` / `serve --ray`: the same URLs as `make_app`, sessions held by `workers`
     (which require `internal_token`)."""
     front = Front(settings, workers, internal_token)
-    app = _base_app(settings, front.counters)
+    app = _base_app(settings, front.counters, {
+        "health": front_health, "metrics": front_metrics, "create": front_create, "offer": front_forward,
+        "speak": front_forward, "audio": front_audio, "interrupt": front_forward, "delete": front_forward})
     app[FRONT] = front
-    app.router.add_get("/healthz", front_health)
-    app.router.add_get("/metrics", front_metrics)
-    app.router.add_post("/api/sessions", front_create)
-    app.router.add_post("/api/sessions/{id}/offer", front_forward)
-    app.router.add_post("/api/sessions/{id}/speak", front_forward)
-    app.router.add_get("/api/sessions/{id}/audio", front_audio)
-    app.router.add_post("/api/sessions/{id}/interrupt", front_forward)
-    app.router.add_delete("/api/sessions/{id}", front_forward)
 
     async def start(app: web.Application) -> None:
         await front.start()

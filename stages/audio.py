@@ -188,6 +188,20 @@ class AudioReader:
 _PCM_BYTES = {"u8": 1, "s16": 2, "s24": 3, "s32": 4, "f32": 4}
 
 
+def wav_bytes(samples: np.ndarray, rate_hz: int) -> bytes:
+    """int16 mono samples as a WAV file."""
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate_hz)
+        writer.writeframes(np.asarray(samples).astype("<i2").tobytes())
+    return out.getvalue()
+
+
 def _is_wav(head: bytes) -> bool:
     return head[:4] == b"RIFF" and head[8:12] == b"WAVE"
 

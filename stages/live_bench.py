@@ -26,6 +26,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from stages.audio import wav_bytes
 from stages.webrtc import restrict_ice_to
 from stream.clock import ms_of_seconds
 from stream.errors import TalkstreamError
@@ -179,7 +180,7 @@ async def _signalling_ms(http: Any, base: str, speech: np.ndarray) -> dict[str, 
         await pc.close()
         await http.delete(f"{base}/api/sessions/{session_id}")
     session_id = await create()
-    clip = _wav(speech[:BENCH_RATE_HZ // 5], BENCH_RATE_HZ)
+    clip = wav_bytes(speech[:BENCH_RATE_HZ // 5], BENCH_RATE_HZ)
     for _ in range(SIGNALLING_REQUESTS):
         form = aiohttp.FormData()
         form.add_field("audio", clip, filename="clip.wav")
@@ -189,20 +190,6 @@ async def _signalling_ms(http: Any, base: str, speech: np.ndarray) -> dict[str, 
     await http.delete(f"{base}/api/sessions/{session_id}")
     return {"offer_ms_median": round(ms_of_seconds(float(np.median(offers))), 1),
             "speak_ms_median": round(ms_of_seconds(float(np.median(speaks))), 1)}
-
-
-def _wav(samples: np.ndarray, rate: int) -> bytes:
-    """int16 mono samples as a WAV file's bytes."""
-    import io
-    import wave
-
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(samples.astype("<i2").tobytes())
-    return out.getvalue()
 
 
 def _example_speech(rate: int) -> np.ndarray:

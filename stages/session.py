@@ -33,6 +33,7 @@ from stages.audio import (
     SpeechFormat,
     notice_on_stderr,
     output_format,
+    wav_bytes,
 )
 from stages.backend import Backend, needs_extra
 from stages.blend import BLEND_MODES, Blender, ComposeStage
@@ -68,7 +69,7 @@ __all__ = [
     "LIVE_RATES_HZ", "AudioReader", "Avatar", "ContinuousSession", "DlibDetector", "LiveFrame", "LiveSession",
     "LiveStats", "Session", "check_writable",
     "describe_checkpoints", "enhancer_benchmark", "load_networks", "load_preset", "open_sink", "render",
-    "renderer_benchmark", "speech_lead_ms",
+    "renderer_benchmark", "speech_lead_ms", "wav_bytes",
 ]
 
 

@@ -304,7 +304,15 @@ def _bench(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from stages.session import AudioReader, Avatar, load_networks, open_sink, render, renderer_benchmark
+    from stages.session import (
+        AudioReader,
+        Avatar,
+        load_networks,
+        open_sink,
+        render,
+        renderer_benchmark,
+        wav_bytes,
+    )
     from stream import bench
     from stream.errors import InputError
     from stream.profile import Profiler
@@ -344,7 +352,7 @@ def _bench(args: argparse.Namespace) -> int:
         f"library{pinned}")
     with tempfile.TemporaryDirectory(prefix="talkstream-bench-") as scratch:
         long_speech = Path(scratch) / "long.wav"
-        _write_wav(long_speech, np.resize(speech, round(args.seconds * rate)), rate)
+        long_speech.write_bytes(wav_bytes(np.resize(speech, round(args.seconds * rate)), rate))
         # The example clip is a workload when the asked length covers it (slow backends bench short clips only).
         example_s = len(speech) / rate
         workloads = [bench.Workload("example", EXAMPLE_SPEECH, example_s)] if args.seconds >= example_s else []
@@ -420,7 +428,7 @@ def _smoke_render() -> Check:
 
     import numpy as np
 
-    from stages.session import AudioReader, Avatar, open_sink, render
+    from stages.session import AudioReader, Avatar, open_sink, render, wav_bytes
     from stream import doctor
 
     try:
@@ -430,7 +438,8 @@ def _smoke_render() -> Check:
             blocks: list[np.ndarray] = []
             while sum(map(len, blocks)) < reader.format.rate_hz and (block := reader.read()) is not None:
                 blocks.append(block)
-            _write_wav(clip, np.concatenate(blocks)[: reader.format.rate_hz, 0], reader.format.rate_hz)
+            speech = np.concatenate(blocks)[: reader.format.rate_hz, 0]
+            clip.write_bytes(wav_bytes(speech, reader.format.rate_hz))
             started = time.perf_counter()
             avatar = Avatar.prepare(EXAMPLE_PORTRAIT, preset="ultra_fast")
             frames = run_async(render(avatar, AudioReader(clip), lambda info: open_sink(
@@ -439,16 +448,6 @@ def _smoke_render() -> Check:
             return doctor.Check("smoke render", frames == 25, f"1 s of speech -> {frames} frames in {seconds:.2f} s")
     except (TalkstreamError, OSError) as error:
         return doctor.Check("smoke render", False, str(error), "run the render command to see the full error")
-
-
-def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    import wave
-
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes(samples.astype("<i2").tobytes())
 
 
 class _Progress:
