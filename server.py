@@ -730,6 +730,8 @@ class Front:
         self.pool = WorkerPool(workers, self.lost, {"Authorization": f"Bearer {internal_token}"})
         self.placements: dict[str, Placement] = {}
         self.gone: OrderedDict[str, str] = OrderedDict()
+        # sessions hung up through the front, until a heartbeat asked after it no longer reports them
+        self.hung_up: dict[str, tuple[Worker, float]] = {}
         self.pending: dict[int, int] = {}                 # sessions being created, by worker
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         self.closing: set[asyncio.Future[bool]] = set()    # websockets being closed
@@ -787,7 +789,10 @@ class Front:
 
     def held(self, worker: Worker) -> int:
         """Sessions on `worker`: those placed on it that it still reports, and those being created there."""
-        reported = set(worker.health.get("session_ids", ()))
+        for session_id, (ended_on, when) in list(self.hung_up.items()):
+            if ended_on is worker and when < worker.beat_asked:   # the latest heartbeat knows it is gone
+                del self.hung_up[session_id]
+        reported = set(worker.health.get("session_ids", ())) - set(self.hung_up)
         for session_id, placement in list(self.placements.items()):
             # placed before the latest heartbeat was asked for, and not in it: it ended there (idle, its peer left)
             if placement.worker is worker and placement.since < worker.beat_asked and session_id not in reported:
@@ -915,6 +920,7 @@ async def front_forward(request: web.Request) -> web.Response:
         raise await front.unreachable(session_id, placement.worker) from None
     if status == 404 or (request.method == "DELETE" and status == 200):
         front.placements.pop(session_id, None)
+        front.hung_up[session_id] = (placement.worker, time.monotonic())
     return _relay(status, answer)
 
 

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from stream.errors import TalkstreamError
 from stream.workers import Worker
 
-try:
-    import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError, RayError
-except ImportError as error:
-    raise TalkstreamError("serve --ray needs Ray, which is not installed: pip install -e '.[cluster]'") from error
+if importlib.util.find_spec("ray") is None:
+    raise TalkstreamError("serve --ray needs Ray, which is not installed: pip install -e '.[cluster]'")
+# Ray itself is imported by `ray_workers`, after `_send_the_token` (Ray reads its environment as it is imported).
 
 LOG = logging.getLogger("talkstream.ray")
 UNAVAILABLE_RETRY_S = 0.2   # while Ray restarts an actor, its calls fail at once: try again this often
@@ -43,6 +43,8 @@ class WorkerActor:
             module, function = self.entry.split(":")
             start: Callable[[str, str], Awaitable[tuple[str, Any]]] = getattr(importlib.import_module(module),
                                                                                function)
+            import ray
+
             self.url, self.runner = await start(self.settings_json, ray.util.get_node_ip_address())
         return self.url, os.getpid()
 
@@ -70,6 +72,8 @@ class RayWorker(Worker):
 
     async def launch(self) -> None:
         """(The pool gives up after its start timeout.)"""
+        from ray.exceptions import ActorUnavailableError
+
         self._dead = False
         while True:
             try:
@@ -79,6 +83,8 @@ class RayWorker(Worker):
                 await asyncio.sleep(UNAVAILABLE_RETRY_S)
 
     async def died(self) -> str:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
         # Shielded: cancelling a wait on Ray's future makes Ray's client thread fail as it later settles it.
         waiting = asyncio.wrap_future(self.actor.wait_forever.remote().future())
         waiting.add_done_callback(_settled)
@@ -93,10 +99,15 @@ class RayWorker(Worker):
 
     async def kill(self) -> None:
         """A stuck or unreachable actor is killed for Ray to restart; a dead one is already being restarted."""
+        import ray
+
         if not self._dead:
             ray.kill(self.actor, no_restart=False)
 
     async def stop(self, grace_s: float) -> None:
+        import ray
+        from ray.exceptions import RayError
+
         stopping = asyncio.wrap_future(self.actor.stop.remote().future())
         stopping.add_done_callback(_settled)
         try:
@@ -110,16 +121,23 @@ class RayWorker(Worker):
 def ray_workers(count: int | None, entry: str, settings_json: str, address: str, *, gpus: bool) -> list[Worker]:
     """Connect to Ray (`address`: "local" starts a runtime for this run; "auto" or ray://HOST:PORT joins a cluster)
     and make `count` worker actors (None: one per GPU of the cluster for a GPU backend, else one per CPU)."""
+    if address != "local":
+        _reachable(address)
+        _send_the_token(address)
+    import ray
+    from ray.exceptions import RayError
+
     try:
         if address == "local":   # a runtime of its own, even where a cluster was started with `ray start`
             ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                      # a dead actor is reported in 0.1-0.5 s rather than 1.2-1.7 s
                      _system_config={"timeout_ms_task_wait_for_death_info": 100})
         else:
-            _reachable(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError, RayError) as error:   # no cluster, or not let in
-        raise TalkstreamError(f"cannot reach the Ray cluster at {address}: {_first_line(error)}") from None
+        hint = " (a cluster that requires Ray's token: put it in ~/.ray/auth_token or $RAY_AUTH_TOKEN)" \
+            if address.startswith("ray://") else ""
+        raise TalkstreamError(f"cannot reach the Ray cluster at {address}: {_first_line(error)}{hint}") from None
     resources = ray.cluster_resources()
     per_worker = {"num_gpus": 1} if gpus and resources.get("GPU") else {"num_cpus": 1}
     if count is None:
@@ -142,8 +160,19 @@ def _reachable(address: str) -> None:
         raise TalkstreamError(f"cannot reach the Ray cluster at {address}: {error}") from None
 
 
+def _send_the_token(address: str) -> None:
+    """A Ray client sends a cluster's authentication token only when told to (`RAY_AUTH_MODE=token`), and a cluster
+    whose head found one requires it: told so here wherever a token is at hand."""
+    at_hand = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
+        or (Path.home() / ".ray" / "auth_token").exists()
+    if address.startswith("ray://") and at_hand:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def disconnect() -> None:
     """Leave the cluster (a local runtime ends with it)."""
+    import ray
+
     ray.shutdown()
 
 

@@ -60,6 +60,22 @@ def as_typed_here(command: str, port: int) -> str:
     return command.replace("HEAD:", f"{_node_address()}:")   # a Ray head: this machine's (the cluster's node)
 
 
+RAY_CLIENT_PORT = 10001
+
+
+def _wait_for_port(host: str, port: int, seconds: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {host}:{port}"
+            time.sleep(0.2)
+
+
 def _node_address() -> str:
     """The address Ray's services of this machine listen on: its own on the network."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -249,10 +265,12 @@ def serves(*, token: bool) -> Check:
                                    stderr=subprocess.PIPE, text=True)
         try:
             port = int(re.search(r"--port (\d+)", command).group(1))
+            said = []
             for _ in range(50):   # Ray says a few things of its own first
-                if "serving on" in (started := process.stderr.readline()) or not started:
+                said.append(started := process.stderr.readline())
+                if "serving on" in started or not started:
                     break
-            assert f":{port}/" in started, started + (process.stderr.read() if process.poll() is not None else "")
+            assert f":{port}/" in started, "".join(said[-20:])
             secret = re.search(r"#token=(\w+)", started).group(1) if token else None
             asyncio.run(_json_api(f"http://127.0.0.1:{port}", secret))
         finally:
@@ -302,6 +320,7 @@ def on_a_ray_cluster(check: Check) -> Check:
     def run(command: str, work: Path, env: dict[str, str]) -> None:
         try:
             _run("ray start --head --num-cpus 2", work, env, timeout=180)
+            _wait_for_port(_node_address(), RAY_CLIENT_PORT)   # `ray start` returns before its client port opens
             check(command, work, env)
         finally:
             subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
