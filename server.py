@@ -1161,8 +1161,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _front_app(settings: ServerSettings) -> web.Application:
     """The front and its workers: processes on this machine, or Ray actors (Ray is imported only then)."""
-    gpus = visible_gpus() if settings.backend != "embedded" else []
-    count = settings.workers or len(gpus) or usable_cores()
     internal_token = secrets.token_urlsafe(24)
     worker_settings = settings.for_worker(internal_token)
     workers: list[Worker]
@@ -1172,6 +1170,8 @@ def _front_app(settings: ServerSettings) -> web.Application:
         workers = ray_workers(settings.workers or None, RAY_WORKER_ENTRY, worker_settings.to_json(), settings.ray,
                               gpus=settings.backend != "embedded")
     else:
+        gpus = visible_gpus() if settings.backend != "embedded" else []
+        count = settings.workers or len(gpus) or usable_cores()
         command = worker_command(WORKER_ENTRY)
         workers = [ProcessWorker(index, [*command, str(index)], first_line=worker_settings.to_json(),
                                  env={"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else None)

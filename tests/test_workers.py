@@ -12,28 +12,15 @@ import signal
 import time
 
 import aiohttp
-import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 
-from tests.conftest import SPEECH, ServeProcess
+from stages.live_bench import _example_speech, _tree
+from tests.conftest import ServeProcess
 from tests.test_serve import create, receive
 from tests.test_server import connect, stream_speech
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def example_speech_16k() -> np.ndarray:
-    from scipy.signal import resample_poly
-
-    from stages.session import AudioReader
-
-    reader = AudioReader(SPEECH)
-    blocks = []
-    while (block := reader.read()) is not None:
-        blocks.append(block)
-    mono = np.concatenate(blocks).mean(axis=1)
-    return np.clip(resample_poly(mono, 16000, reader.format.rate_hz), -32768, 32767).astype(np.int16)
 
 
 async def health(http: aiohttp.ClientSession, base: str) -> dict:
@@ -63,29 +50,11 @@ def loaded_libraries(pid: int) -> str:
         return maps.read()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process descended from `pid` (a front's workers; Ray's runtime and actors)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except OSError:
-                continue
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 @pytest.mark.parametrize("kind", ["processes", "ray"])
 async def test_sessions_spread_over_two_workers_survive_a_killed_one_and_drain_on_sigterm(kind: str) -> None:
     if kind == "ray":
         pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
-    speech = example_speech_16k()
+    speech = _example_speech(16000)
     with ServeProcess(*(["--workers", "2"] if kind == "processes" else ["--ray"])) as served:
         base = served.base
         peers: list[RTCPeerConnection] = []
@@ -149,7 +118,7 @@ async def test_sessions_spread_over_two_workers_survive_a_killed_one_and_drain_o
                 assert metric(metrics, "talkstream_front_sessions_lost_total") == [1.0]
                 assert third["id"] not in (first["id"], second["id"])
                 pids = {worker["worker"]: worker["pid"] for worker in (await health(http, base))["workers"]}
-                everything = descendants(served.process.pid)
+                everything = _tree(served.process.pid)[1:]   # its descendants
                 assert set(pids.values()) <= set(everything)
                 if kind == "processes":   # plain serve never loads Ray (its native library would be mapped)
                     for pid in (served.process.pid, *pids.values()):
