@@ -24,6 +24,7 @@ if importlib.util.find_spec("ray") is None:
 # Ray itself is imported by `ray_workers`, after `_send_the_token` (Ray reads its environment as it is imported).
 
 LOG = logging.getLogger("talkstream.ray")
+CLIENT_TRIES = 3            # starts of a client server on the head (see `_join`)
 UNAVAILABLE_RETRY_S = 0.2   # while Ray restarts an actor, its calls fail at once: try again this often
 
 
@@ -91,10 +92,10 @@ class RayWorker(Worker):
         try:
             await asyncio.shield(waiting)
         except ActorUnavailableError as error:   # it may come back as it was: killed, so that it restarts clean
-            return f"became unavailable ({_first_line(error)})"
+            return f"became unavailable ({_reason(error)})"
         except RayActorError as error:
             self._dead = True
-            return f"died ({_first_line(error)})"
+            return f"died ({_reason(error)})"
         return "returned"   # wait_forever never does
 
     async def kill(self) -> None:
@@ -133,11 +134,12 @@ def ray_workers(count: int | None, entry: str, settings_json: str, address: str,
                      # a dead actor is reported in 0.1-0.5 s rather than 1.2-1.7 s
                      _system_config={"timeout_ms_task_wait_for_death_info": 100})
         else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            _join(address)
     except (ConnectionError, RuntimeError, ValueError, RayError) as error:   # no cluster, or not let in
+        reason = _reason(error)
         hint = " (a cluster that requires Ray's token: put it in ~/.ray/auth_token or $RAY_AUTH_TOKEN)" \
-            if address.startswith("ray://") else ""
-        raise TalkstreamError(f"cannot reach the Ray cluster at {address}: {_first_line(error)}{hint}") from None
+            if address.startswith("ray://") and ("auth" in reason.lower() or "token" in reason.lower()) else ""
+        raise TalkstreamError(f"cannot reach the Ray cluster at {address}: {reason}{hint}") from None
     resources = ray.cluster_resources()
     per_worker = {"num_gpus": 1} if gpus and resources.get("GPU") else {"num_cpus": 1}
     if count is None:
@@ -146,6 +148,21 @@ def ray_workers(count: int | None, entry: str, settings_json: str, address: str,
     actor_class = remote(max_restarts=-1, max_task_retries=0, **per_worker)(WorkerActor)
     LOG.info("ray: %d worker actors (%s each) on %d node(s)", count, per_worker, len(ray.nodes()))
     return [RayWorker(index, actor_class.remote(entry, settings_json)) for index in range(count)]
+
+
+def _join(address: str) -> None:
+    """Join a running cluster. Through the client port, the head starts a server process for each client, and on a
+    busy head that start now and then fails at once ("Initialization failure from server"): asked again."""
+    import ray
+
+    for attempt in range(1, CLIENT_TRIES + 1):
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            return
+        except ConnectionAbortedError as error:   # the client is disconnected again: a fresh try starts clean
+            if attempt == CLIENT_TRIES:
+                raise
+            LOG.warning("ray: the head could not start a client server (%s); trying again", _reason(error))
 
 
 def _reachable(address: str) -> None:
@@ -182,5 +199,9 @@ def _settled(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def _reason(error: BaseException) -> str:
+    """Ray's error in one line: its first, or, where the head sent its traceback, the traceback's last."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    if len(lines) > 1 and lines[1].startswith("Traceback"):
+        return f"{lines[0].rstrip(':')}: {lines[-1]}"
+    return lines[0]
