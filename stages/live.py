@@ -18,7 +18,7 @@ import math
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import av
@@ -70,6 +70,7 @@ class LiveFrame:
     voice: np.ndarray     # int16 mono at the session's voice rate: this frame's stretch (silence when idle)
     kind: str             # "speech" or "idle"
     ends_segment: bool = False   # the last frame of a segment of speech
+    spoken: int = 0       # how many of `voice`'s first samples are speech (after them: a segment's padding)
 
 
 @dataclass(slots=True)
@@ -80,6 +81,7 @@ class _Segment:
     frames: int | None = None
     extra: int = 0
     rendered: int = 0
+    spoken: int = 0       # samples of voice that are speech (known once it ends), before the padding
 
     @property
     def speaking(self) -> bool:
@@ -117,6 +119,7 @@ class ContinuousSession(Closing):
         self.gap_ms = gap_ms
         self.profiler = profiler or Profiler()
         self.generation = 0   # counts clears: a frame read before one is stale after it
+        self.segments_opened = 0   # counts segments, however they end: a reader matches them to `ends_segment`
         stages: list[Stage] = [MotionStage(avatar.motion_model()), avatar.render_stage(), avatar.compose_stage()]
         # Chained on one thread: many sessions side by side, where a hand-off between threads costs more than it
         # overlaps.
@@ -162,6 +165,7 @@ class ContinuousSession(Closing):
             return speech
         if not self._open:
             self._segments.append(_Segment())
+            self.segments_opened += 1
         voice = self._resampled(speech, rate_hz)
         copy = self._to_features.setdefault(rate_hz, FeatureCopy(rate_hz)).push(speech)
         self._say(voice, copy)
@@ -208,7 +212,8 @@ class ContinuousSession(Closing):
         segment = self._segments[-1]
         held, copy = self._resamplers_flushed()
         self._say(held, copy)
-        frames = self.voice_frames.frames_for(self._voice_samples) + self.TAIL_FRAMES
+        spoken = self._voice_samples
+        frames = self.voice_frames.frames_for(spoken) + self.TAIL_FRAMES
         padding = np.zeros(self.voice_frames.start(frames) - self._voice_samples, np.int16)
         first = self._segment_start
         # The 16 kHz copy must end exactly where the segment's frames and look-ahead do, so that the next segment
@@ -220,7 +225,7 @@ class ContinuousSession(Closing):
         self._say(padding, np.zeros(target - self._feature_samples, np.float32))
         self._voice.add(np.zeros(self.voice_frames.start(first + frames + extra)
                                  - self.voice_frames.start(first + frames), np.int16))
-        segment.frames, segment.extra = frames, extra
+        segment.frames, segment.extra, segment.spoken = frames, extra, spoken
         self._segment_start = first + frames + extra
         self._voice_samples = 0
         return np.concatenate([held, padding])
@@ -256,13 +261,15 @@ class ContinuousSession(Closing):
             voice = self._voice.take(self._rendered_frames).reshape(-1)
             self._rendered_frames += 1
             segment = self._segments[0]
+            spoken = len(voice) if segment.frames is None \
+                else min(len(voice), max(0, segment.spoken - self.voice_frames.start(segment.rendered)))
             segment.rendered += 1
             shown = segment.frames is None or segment.rendered <= segment.frames
             ends = segment.frames is not None and segment.rendered == segment.frames
             if segment.frames is not None and segment.rendered == segment.frames + segment.extra:
                 self._segments.popleft()
             if shown:
-                yield self.generation, LiveFrame(-1, frame.image, voice, "speech", ends)
+                yield self.generation, LiveFrame(-1, frame.image, voice, "speech", ends, spoken)
 
     async def next_speech_frame(self) -> LiveFrame | None:
         """The next speech frame, as soon as it is rendered; None if `clear()` comes first (a frame read before a
@@ -306,7 +313,7 @@ class ContinuousSession(Closing):
         index = self._next_index
         self._next_index += 1
         if self.speaking and (frame := await self.next_speech_frame()) is not None:
-            return LiveFrame(index, frame.image, frame.voice, frame.kind, frame.ends_segment)
+            return replace(frame, index=index)
         image = await self.idle_frame(index, seconds_of_frames(index, self.fps))
         silence = np.zeros(self.voice_frames.start(index + 1) - self.voice_frames.start(index), np.int16)
         return LiveFrame(index, image, silence, "idle")

@@ -72,7 +72,8 @@ def test_the_embedded_path_never_imports_torch(tmp_path: Path):
         "import sys\n"
         "from stream.cli import main\n"
         f"code = main(['render', {str(PORTRAIT)!r}, {str(SPEECH)!r}, '-o', {str(tmp_path / 'a.mp4')!r}, '-q'])\n"
-        "heavy = sorted(name for name in ('torch', 'torchvision', 'librosa', 'gfpgan', 'ray') if name in sys.modules)\n"
+        "heavy = sorted(name for name in ('torch', 'torchvision', 'librosa', 'gfpgan', 'ray', 'livekit', 'pipecat')\n"
+        "               if name in sys.modules)\n"
         "print(code, heavy)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=ROOT, timeout=300)

@@ -71,6 +71,10 @@ async def test_a_segment_gives_its_frames_with_its_voice_between_idle_frames(
     spoken = np.concatenate([frame.voice for frame in frames[:spoken_frames]])
     assert np.array_equal(spoken, np.concatenate(voice))
     assert not any(frame.voice.any() for frame in before + frames[spoken_frames:])
+    # `spoken` marks the speech in each frame's voice, the segment's padding left out: as long as the speech pushed.
+    said = [frame.spoken for frame in frames[:spoken_frames]]
+    assert said == sorted(said, reverse=True) and said[0] == per_frame and said[-1] == 0
+    assert abs(sum(said) - len(pcm) * voice_rate_hz / rate_hz) <= voice_rate_hz * 0.002
     # Resampled once, straight from the input: at the input's own rate the voice is the input itself.
     if voice_rate_hz == rate_hz:
         assert np.array_equal(spoken[:len(pcm)], pcm)

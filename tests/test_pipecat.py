@@ -1,0 +1,161 @@
+"""The pipecat video service in real pipecat pipelines: run by pipecat's own test harness (`pipecat.tests.utils`),
+and by a `PipelineWorker` (pipecat's pipeline task) on the real clock. Speech is the example's espeak-ng voice as a
+TTS sends it: `TTSAudioRawFrame`s of 20 ms at 24 kHz between `TTSStartedFrame` and `TTSStoppedFrame`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import wave
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pipecat", reason="the pipecat extra")
+from pipecat.frames.frames import (  # noqa: E402
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    OutputImageRawFrame,
+    TextFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
+from pipecat.pipeline.worker import PipelineWorker  # noqa: E402
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+from pipecat.workers.runner import WorkerRunner  # noqa: E402
+
+from stages.integrations.pipecat import TalkstreamVideoService  # noqa: E402
+from stages.session import Avatar  # noqa: E402
+from tests.conftest import PORTRAIT, SPEECH  # noqa: E402
+from tests.quality import FaceMeasurer, mouth_geometry, stack_landmarks  # noqa: E402
+
+FPS = 25
+RATE_HZ = 24000
+SPOKEN_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def avatar() -> Avatar:
+    return Avatar.prepare(PORTRAIT, preset="ultra_fast")
+
+
+def tts_frames(seconds: float = SPOKEN_S, rate_hz: int = RATE_HZ) -> list[TTSAudioRawFrame]:
+    """The example's espeak-ng speech (from 0.5 s in) in 20 ms frames, as a TTS service pushes it."""
+    from scipy.signal import resample_poly
+
+    with wave.open(str(SPEECH)) as reader:
+        native = reader.getframerate()
+        pcm = np.frombuffer(reader.readframes(reader.getnframes()), np.int16).astype(np.float32)
+    piece = pcm[native // 2:native // 2 + int(native * seconds)]
+    speech = np.clip(resample_poly(piece, rate_hz // 50, native // 50), -32768, 32767).astype(np.int16)
+    step = rate_hz // 50
+    return [TTSAudioRawFrame(audio=speech[start:start + step].tobytes(), sample_rate=rate_hz, num_channels=1)
+            for start in range(0, len(speech), step)]
+
+
+class Arrivals(FrameProcessor):
+    """The end of the pipeline: notes each frame going down and when it came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[float, Frame]] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if direction == FrameDirection.DOWNSTREAM:
+            self.seen.append((time.perf_counter(), frame))
+        await self.push_frame(frame, direction)
+
+
+def bgr(picture: OutputImageRawFrame) -> np.ndarray:
+    width, height = picture.size
+    return np.ascontiguousarray(np.frombuffer(picture.image, np.uint8).reshape(height, width, 3)[:, :, ::-1])
+
+
+def mouth_openings(pictures: list[OutputImageRawFrame]) -> np.ndarray:
+    measurer = FaceMeasurer()
+    return mouth_geometry(stack_landmarks([measurer.landmarks(bgr(p)) for p in pictures]))["aperture"]
+
+
+def spoken_pictures(frames: list[Frame]) -> list[OutputImageRawFrame]:
+    """The pictures that carry speech: each followed by its voice."""
+    return [frame for frame, after in zip(frames, frames[1:])
+            if isinstance(frame, OutputImageRawFrame) and isinstance(after, TTSAudioRawFrame)]
+
+
+async def test_in_pipecats_harness_speech_becomes_pictures_with_their_voice_and_the_rest_passes(
+        avatar: Avatar) -> None:
+    face = TalkstreamVideoService(avatar=avatar)
+    speech = tts_frames()
+    sent = [TextFrame("before"), TTSStartedFrame(), *speech[:50], TextFrame("while"), *speech[50:], TTSStoppedFrame(),
+            TextFrame("after"), SleepFrame(sleep=SPOKEN_S + 1.5)]   # the speech shown in real time, then a rest
+    down, up = await run_test(face, frames_to_send=sent)
+    assert not up
+    others = [frame for frame in down if not isinstance(frame, (OutputImageRawFrame, TTSAudioRawFrame))]
+    assert [type(frame) for frame in others] == [TextFrame, TTSStartedFrame, TextFrame, TextFrame, TTSStoppedFrame]
+    assert [frame.text for frame in others if isinstance(frame, TextFrame)] == ["before", "while", "after"]
+    voices = [frame for frame in down if isinstance(frame, TTSAudioRawFrame)]
+    assert not set(map(id, voices)) & set(map(id, speech))   # the service's own voice, not the TTS's frames
+    assert abs(sum(len(v.audio) // 2 for v in voices) / RATE_HZ - SPOKEN_S) <= 0.020
+    pictures = [frame for frame in down if isinstance(frame, OutputImageRawFrame)]
+    assert all(p.format == "RGB" and p.size == (512, 512) for p in pictures)
+    spoken = spoken_pictures(down)
+    assert abs(len(spoken) - SPOKEN_S * FPS) <= 1
+    # Each voice right behind its picture, stamped with its media time; the pictures' stamps are the frame rate's.
+    for picture, voice in zip(spoken, voices):
+        assert voice.pts == picture.pts
+    stamps = np.array([p.pts for p in pictures])
+    assert np.array_equal(np.diff(stamps), np.full(len(stamps) - 1, 40_000_000))
+    # The TTSStoppedFrame goes on after the last frame of its speech.
+    assert down.index(spoken[-1]) < down.index(others[-1])
+    talking = mouth_openings(spoken)
+    rest = mouth_openings(pictures[-5:])
+    print(f"{len(pictures)} pictures, {len(spoken)} with speech; aperture talking max {talking.max():.3f}, "
+          f"at rest {rest.max():.3f}")
+    assert talking.max() > 0.15 and rest.max() < 0.05
+
+
+async def test_in_a_pipeline_worker_the_face_keeps_the_frame_rate_and_an_interruption_shows_at_the_next_frame(
+        avatar: Avatar) -> None:
+    face = TalkstreamVideoService(avatar=avatar)
+    arrivals = Arrivals()
+    worker = PipelineWorker(Pipeline([face, arrivals]), cancel_on_idle_timeout=False)
+    runner = WorkerRunner()
+
+    async def speak_then_interrupt() -> None:
+        await asyncio.sleep(1.0)
+        await worker.queue_frames([TTSStartedFrame(), *tts_frames(), TTSStoppedFrame()])
+        await asyncio.sleep(2.0)
+        await worker.queue_frame(InterruptionFrame())
+        await asyncio.sleep(1.0)
+        await worker.queue_frame(EndFrame())
+
+    await runner.add_workers(worker)
+    await asyncio.wait_for(asyncio.gather(runner.run(), speak_then_interrupt()), 30)
+    seen = arrivals.seen
+    frames = [frame for _, frame in seen]
+    pictures = [(when, frame) for when, frame in seen if isinstance(frame, OutputImageRawFrame)]
+    times = np.array([when for when, _ in pictures])
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    print(f"{len(times)} pictures at {rate:.2f} fps; largest gap {np.diff(times).max() * 1000:.0f} ms")
+    assert 24 <= rate <= 26 and np.diff(times).max() < 0.12
+    # Image and voice travel together: each voice within a frame of its picture.
+    for (when, frame), (then, after) in zip(seen, seen[1:]):
+        if isinstance(after, TTSAudioRawFrame):
+            assert isinstance(frame, OutputImageRawFrame) and after.pts == frame.pts and then - when < 0.040
+    # The interruption: at most one picture with speech after it, and none with voice after that.
+    cut = next(i for i, frame in enumerate(frames) if isinstance(frame, InterruptionFrame))
+    after_cut = frames[cut:]
+    spoken_after = spoken_pictures(after_cut)
+    assert len(spoken_after) <= 1
+    first_idle = next(when for when, frame in seen[cut:] if isinstance(frame, OutputImageRawFrame)
+                      and frame not in spoken_after)
+    print(f"interruption to the first idle picture: {(first_idle - seen[cut][0]) * 1000:.1f} ms")
+    assert first_idle - seen[cut][0] <= 0.040 + 0.010   # a frame, and the scheduler's slack on a busy machine
+    assert sum(isinstance(frame, TTSStoppedFrame) for frame in frames) == 1
+    rest = mouth_openings([frame for frame in after_cut if isinstance(frame, OutputImageRawFrame)][2:12])
+    assert rest.max() < 0.05
