@@ -62,7 +62,7 @@ async def bench_live(sessions: int, seconds: float, preset: str, log: Callable[[
             raise TalkstreamError(f"cannot pin the server to CPU {server_cpu}: {error}") from None
     base = f"http://127.0.0.1:{port}"
     restrict_ice_to("127.0.0.1")
-    speech = _example_speech(BENCH_RATE_HZ)
+    speech = example_speech(BENCH_RATE_HZ)
     loop = asyncio.get_running_loop()
     try:
         async with aiohttp.ClientSession() as http:
@@ -192,7 +192,7 @@ async def _signalling_ms(http: Any, base: str, speech: np.ndarray) -> dict[str, 
             "speak_ms_median": round(ms_of_seconds(float(np.median(speaks))), 1)}
 
 
-def _example_speech(rate: int) -> np.ndarray:
+def example_speech(rate: int) -> np.ndarray:
     """The example speech, mono int16 at `rate`."""
     from scipy.signal import resample_poly
 
@@ -223,7 +223,7 @@ def speak_main(argv: list[str]) -> None:
     import aiohttp
 
     base, seconds, session_ids = argv[0], float(argv[1]), argv[2:]
-    speech = _example_speech(BENCH_RATE_HZ)
+    speech = example_speech(BENCH_RATE_HZ)
     talk = _talk(speech, seconds)
     first_utterance_s = min(len(talk), len(speech)) / BENCH_RATE_HZ
     chunk = BENCH_RATE_HZ // 50

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the sessions in the server's own process)")
     bench.add_argument("--ray", action="store_true", help="with --live: the workers as Ray actors on a local "
                        "runtime, as `serve --ray` (needs the cluster extra)")
+    bench.add_argument("--integrations", action="store_true", help="instead: what the LiveKit and pipecat "
+                       "integrations add to a frame of the bare live session (ms; those installed)")
     bench.add_argument("--portrait", type=Path, default=EXAMPLE_PORTRAIT, help="the portrait of the enhancer "
                        "timing (default: the example)")
     bench.add_argument("--batches", type=sizes, default="1,4", metavar="SIZES",
@@ -288,6 +290,16 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.integrations:
+        from stages.integrations.bench import integration_benchmark  # a door of its own, as for the frameworks
+        from stages.session import Avatar
+        from stream import bench as bench_output
+
+        avatar = Avatar.prepare(args.portrait, preset=args.presets.split(",")[0].strip() or "ultra_fast")
+        report = run_async(integration_benchmark(avatar, print))
+        if args.json:
+            bench_output.write_json(args.json, report)
+        return 0
     if args.live:
         from stream import bench as bench_output
 

@@ -5,6 +5,7 @@ TTS sends it: `TTSAudioRawFrame`s of 20 ms at 24 kHz between `TTSStartedFrame` a
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import wave
 
@@ -159,3 +160,72 @@ async def test_in_a_pipeline_worker_the_face_keeps_the_frame_rate_and_an_interru
     assert sum(isinstance(frame, TTSStoppedFrame) for frame in frames) == 1
     rest = mouth_openings([frame for frame in after_cut if isinstance(frame, OutputImageRawFrame)][2:12])
     assert rest.max() < 0.05
+
+
+async def watch_the_example(base: str, seconds: float = 6.0) -> tuple[float, np.ndarray, float]:
+    """A plain aiortc peer takes the example's page's path: an offer to /api/offer, the answer applied; then
+    `seconds` of its video. Returns (frames per second, each frame's mouth aperture, the voice's loudest RMS)."""
+    import aiohttp
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            answer = await http.post(f"{base}/api/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+            assert answer.status == 200, await answer.text()
+            await pc.setRemoteDescription(RTCSessionDescription(**{key: value for key, value in
+                                                                   (await answer.json()).items() if key != "pc_id"}))
+        tracks = {transceiver.kind: transceiver.receiver.track for transceiver in pc.getTransceivers()}
+        pictures, arrivals, loudest = [], [], 0.0
+
+        async def video() -> None:
+            while not arrivals or arrivals[-1] - arrivals[0] < seconds:
+                frame = await asyncio.wait_for(tracks["video"].recv(), 10)
+                arrivals.append(time.perf_counter())
+                pictures.append(frame.to_ndarray(format="bgr24"))
+
+        async def audio() -> None:
+            nonlocal loudest
+            while not arrivals or arrivals[-1] - arrivals[0] < seconds:
+                samples = (await asyncio.wait_for(tracks["audio"].recv(), 10)).to_ndarray().astype(float)
+                loudest = max(loudest, float(np.sqrt((samples ** 2).mean())))
+
+        await asyncio.gather(video(), audio())
+    finally:
+        await pc.close()
+    rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    measurer = FaceMeasurer()
+    openings = mouth_geometry(stack_landmarks([measurer.landmarks(picture) for picture in pictures[::2]]))["aperture"]
+    return rate, openings, loudest
+
+
+def assert_a_talking_face(rate: float, openings: np.ndarray, loudest: float) -> None:
+    print(f"{rate:.2f} fps; aperture max {openings.max():.3f}, open in {(openings > 0.08).mean():.0%} of the frames; "
+          f"voice RMS up to {loudest:.0f}")
+    assert rate >= 22
+    assert openings.max() > 0.15 and (openings > 0.08).mean() > 0.15 and openings.std() > 0.03
+    assert loudest > 500
+
+
+@pytest.mark.slow
+def test_the_smallwebrtc_example_shows_an_aiortc_peer_a_talking_face() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port, stop
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "examples/pipecat_avatar.py", "--port", str(port), "--every", "4"],
+                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:
+            if "serving on" in line:
+                break
+        assert process.poll() is None, "the example ended"
+        threading.Thread(target=process.stderr.read, daemon=True).start()   # its log never fills the pipe
+        assert_a_talking_face(*asyncio.run(watch_the_example(f"http://127.0.0.1:{port}")))
+    finally:
+        stop(process)

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -243,7 +244,7 @@ def run_by_ci(command: str, work: Path, env: dict[str, str]) -> None:
 
 
 EXTRA_MODULES = {"sadtalker": ("torch", "safetensors"), "enhance": ("torch", "torchvision", "gfpgan"),
-                 "cluster": ("ray",)}
+                 "cluster": ("ray",), "livekit": ("livekit.agents",), "pipecat": ("pipecat",)}
 
 
 def pip_installs(command: str, work: Path, env: dict[str, str]) -> None:
@@ -389,6 +390,24 @@ def pipe_example(command: str, work: Path, env: dict[str, str]) -> None:
     _assert_video(work / "talkstream.mkv", _example_speech()[0].size / _example_speech()[1])
 
 
+def pipecat_example(command: str, work: Path, env: dict[str, str]) -> None:
+    """The example as typed (its default port): a plain aiortc peer takes the page's path and sees a talking face."""
+    from tests.test_pipecat import assert_a_talking_face, watch_the_example
+
+    process = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=work, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in iter(process.stderr.readline, ""):
+            if "serving on" in line:
+                break
+        else:
+            pytest.fail("the example ended before it served")
+        address = re.search(r"http://\S+?/", line).group(0)
+        threading.Thread(target=process.stderr.read, daemon=True).start()   # its log never fills the pipe
+        assert_a_talking_face(*asyncio.run(watch_the_example(address.rstrip("/"))))
+    finally:
+        stop(process)
+
+
 RUNS: dict[str, Check] = {
     "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/talkstream render examples/astronaut.png "
     "examples/speech.wav -o talk.mp4": quick_start,
@@ -434,6 +453,11 @@ RUNS: dict[str, Check] = {
     "talkstream render face.jpg speech.wav --preset quality --checkpoints ~/SadTalker --strict -o best.mp4":
         needs_extra("gfpgan", renders("best.mp4", SPEECH_S)),
     "talkstream doctor --checkpoints ~/SadTalker": prints("GFPGANv1.4.pth", extras=("gfpgan",)),
+    "pip install -e '.[livekit]'": pip_installs,
+    "pip install -e '.[pipecat]'": pip_installs,
+    "python examples/pipecat_avatar.py": needs_extra("pipecat", pipecat_example),
+    "python examples/livekit_agent.py --help": needs_extra("livekit.agents", prints("console", "dev")),
+    "talkstream bench --integrations": prints("livekit  +", "pipecat  +", extras=("livekit.agents", "pipecat")),
     "talkstream bench --presets '' --enhancers light,gfpgan --checkpoints ~/SadTalker":
         prints("enhancer gfpgan", "enhancer light", extras=("gfpgan",)),
 }

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
 
-from stages.live_bench import _example_speech, _tree
+from stages.live_bench import _tree, example_speech
 from tests.conftest import ServeProcess
 from tests.test_serve import create, receive
 from tests.test_server import connect, stream_speech
@@ -54,7 +54,7 @@ def loaded_libraries(pid: int) -> str:
 async def test_sessions_spread_over_two_workers_survive_a_killed_one_and_drain_on_sigterm(kind: str) -> None:
     if kind == "ray":
         pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
-    speech = _example_speech(16000)
+    speech = example_speech(16000)
     with ServeProcess(*(["--workers", "2"] if kind == "processes" else ["--ray"])) as served:
         base = served.base
         peers: list[RTCPeerConnection] = []

@@ -93,8 +93,7 @@ class TalkstreamVideoGenerator(VideoGenerator):
             if generation != self.stream.generation:   # cleared while the reader had the picture: no voice
                 continue
             if frame.spoken:
-                yield rtc.AudioFrame(frame.voice[:frame.spoken].tobytes(), self.options.audio_sample_rate, 1,
-                                     frame.spoken)
+                yield audio_frame(frame, self.options.audio_sample_rate)
             self._segments_ended += frame.ends_segment
             while self._ends and self._segments_ended >= self._ends[0]:
                 self._ends.popleft()
@@ -108,6 +107,11 @@ def video_frame(frame: LiveFrame) -> rtc.VideoFrame:
     """A frame as LiveKit takes it: RGBA, the layout its video source converts without a detour."""
     height, width = frame.image.shape[:2]
     return rtc.VideoFrame(width, height, rtc.VideoBufferType.RGBA, cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGBA).data)
+
+
+def audio_frame(frame: LiveFrame, rate_hz: int) -> rtc.AudioFrame:
+    """A frame's speech (its padding left out) as LiveKit takes it."""
+    return rtc.AudioFrame(frame.voice[:frame.spoken].tobytes(), rate_hz, 1, frame.spoken)
 
 
 async def start_in_process(session: AgentSession, room: rtc.Room, face: TalkstreamVideoGenerator) -> AvatarRunner:

@@ -46,6 +46,21 @@ LATE_FRAMES = 2          # a frame this late (the renderer kept the reader waiti
 END_TIMEOUT_S = 30.0     # at the pipeline's end, how long the speech still queued may take to be shown
 
 
+def pipecat_frames(frame: LiveFrame, fps: float, voice_rate_hz: int) -> list[Frame]:
+    """A frame of the face as pipecat takes it: the picture (RGB), then its speech if it has any, both stamped with
+    the frame's media time."""
+    pts = round(frame.index * 1e9 / fps)
+    height, width = frame.image.shape[:2]
+    picture = OutputImageRawFrame(image=cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB).tobytes(), size=(width, height),
+                                  format="RGB")
+    picture.pts = pts
+    if not frame.spoken:
+        return [picture]
+    voice = TTSAudioRawFrame(audio=frame.voice[:frame.spoken].tobytes(), sample_rate=voice_rate_hz, num_channels=1)
+    voice.pts = pts
+    return [picture, voice]
+
+
 class TalkstreamVideoService(FrameProcessor):
     """A portrait that speaks what the TTS says (see the module's docstring). `avatar`: one already prepared
     (several services may share it); `voice_rate_hz`: the rate of the speech it sends on (default: the pipeline's
@@ -139,17 +154,8 @@ class TalkstreamVideoService(FrameProcessor):
             index += 1
 
     async def _send(self, frame: LiveFrame, stream: ContinuousSession) -> None:
-        pts = round(frame.index * 1e9 / stream.fps)
-        height, width = frame.image.shape[:2]
-        picture = OutputImageRawFrame(image=cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB).tobytes(),
-                                      size=(width, height), format="RGB")
-        picture.pts = pts
-        await self.push_frame(picture)
-        if frame.spoken:
-            voice = TTSAudioRawFrame(audio=frame.voice[:frame.spoken].tobytes(), sample_rate=stream.voice_rate_hz,
-                                     num_channels=1)
-            voice.pts = pts
-            await self.push_frame(voice)
+        for out in pipecat_frames(frame, float(stream.fps), stream.voice_rate_hz):
+            await self.push_frame(out)
 
     async def _release_held(self) -> None:
         """A TTSStoppedFrame goes on once the last frame of its speech has."""
