@@ -40,7 +40,7 @@ from stages.session import Avatar, restrict_ice_to
 HERE = Path(__file__).resolve().parent
 CHUNK_MS = 20   # a streaming TTS's frames
 
-PAGE = """<!doctype html><meta charset="utf-8"><title>talkstream x pipecat</title>
+PAGE = """<!doctype html><meta charset="utf-8"><title>talkstream x pipecat</title><link rel="icon" href="data:,">
 <style>body{font:15px system-ui;margin:2em;background:#111;color:#ddd}
 video{width:512px;height:512px;background:#000}</style>
 <h1>talkstream in a pipecat pipeline</h1>
