@@ -263,9 +263,10 @@ async def test_off_localhost_the_page_connects_without_the_microphone(lan_server
     assert errors == []
 
 
-async def test_the_pipecat_examples_page_plays_the_face(tmp_path: Path) -> None:
-    """examples/pipecat_avatar.py as its docstring says: the page it serves, in Chromium, plays the face that
-    pipecat's SmallWebRTC transport sends, and hears its voice."""
+
+@pytest.fixture
+def pipecat_example(tmp_path: Path) -> Iterator[str]:
+    """examples/pipecat_avatar.py on a free port, saying its line every 3 s; its URL."""
     pytest.importorskip("pipecat", reason="the pipecat extra")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -279,19 +280,25 @@ async def test_the_pipecat_examples_page_plays_the_face(tmp_path: Path) -> None:
         while "serving on" not in log.read_text(errors="replace"):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the example did not start:\n{log.read_text(errors='replace')}")
-            await asyncio.sleep(0.2)
-        async with _chromium() as browser:
-            page = await browser.new_page()
-            errors = _console_errors(page)
-            await page.goto(f"http://127.0.0.1:{port}/")
-            await page.wait_for_function(PLAYING, timeout=90_000)
-            state = await page.text_content("#state")
-            playing = await page.evaluate("""() => { const v = document.querySelector('video');
-                return [v.videoWidth, v.videoHeight, v.srcObject.getAudioTracks().length]; }""")
-            ARTIFACTS.mkdir(exist_ok=True)
-            await page.screenshot(path=str(ARTIFACTS / "pipecat_example.png"))
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/"
     finally:
         process.kill()
         process.wait()
+
+
+async def test_the_pipecat_examples_page_plays_the_face(pipecat_example: str) -> None:
+    """The page the example serves, in Chromium, plays the face that pipecat's SmallWebRTC transport sends, with
+    its voice."""
+    async with _chromium() as browser:
+        page = await browser.new_page()
+        errors = _console_errors(page)
+        await page.goto(pipecat_example)
+        await page.wait_for_function(PLAYING, timeout=90_000)
+        state = await page.text_content("#state")
+        playing = await page.evaluate("""() => { const v = document.querySelector('video');
+            return [v.videoWidth, v.videoHeight, v.srcObject.getAudioTracks().length]; }""")
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "pipecat_example.png"))
     assert state == "connected" and playing == [512, 512, 1]
     assert not errors, errors
