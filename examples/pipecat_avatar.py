@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import shutil
 import subprocess
@@ -118,9 +119,13 @@ def make_app(avatar: Avatar, pcm: np.ndarray, rate_hz: int, every_s: float) -> w
 
     async def offer(request: web.Request) -> web.Response:
         """A browser's offer: a connection and a pipeline of its own, running until the browser leaves."""
-        body = await request.json()
         connection = SmallWebRTCConnection()
-        await connection.initialize(sdp=body["sdp"], type=body["type"])
+        try:
+            body = await request.json()
+            await connection.initialize(sdp=body["sdp"], type=body["type"])
+        except (ValueError, KeyError, TypeError) as error:   # not an offer: said so, the connection closed
+            await connection.disconnect()
+            return web.json_response({"error": f"bad offer: {error}"}, status=400)
         face = TalkstreamVideoService(avatar=avatar)
         width, height = face.size
         transport = SmallWebRTCTransport(connection, TransportParams(
@@ -166,8 +171,20 @@ def main() -> None:
     pcm, rate_hz = speech(args.speech, args.say)
     avatar = Avatar.prepare(args.portrait, preset="ultra_fast")
     restrict_ice_to(args.host)   # media on the address the page is served on (aioice skips loopback otherwise)
-    print(f"pipecat_avatar: serving on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
-    web.run_app(make_app(avatar, pcm, rate_hz, args.every), host=args.host, port=args.port, print=None)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(make_app(avatar, pcm, rate_hz, args.every), args.host, args.port))
+
+
+async def serve(app: web.Application, host: str, port: int) -> None:
+    """The page and the offers until Ctrl-C; "serving on" once the port is open."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"pipecat_avatar: serving on http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -82,6 +82,16 @@ def mouth_openings(pictures: list[OutputImageRawFrame]) -> np.ndarray:
     return mouth_geometry(stack_landmarks([measurer.landmarks(bgr(p)) for p in pictures]))["aperture"]
 
 
+def assert_each_voice_follows_its_picture(frames: list[Frame]) -> None:
+    """Every stretch of voice comes after the picture of its media time, before the next picture (frames that pass
+    through and a lead-in's silence may come between)."""
+    media = [frame for frame in frames if isinstance(frame, OutputImageRawFrame)
+             or (isinstance(frame, TTSAudioRawFrame) and frame.pts is not None)]
+    for before, frame in zip(media, media[1:]):
+        if isinstance(frame, TTSAudioRawFrame):
+            assert isinstance(before, OutputImageRawFrame) and before.pts == frame.pts
+
+
 def spoken_pictures(frames: list[Frame]) -> list[OutputImageRawFrame]:
     """The pictures that carry speech: each followed by its voice."""
     return [frame for frame, after in zip(frames, frames[1:])
@@ -101,14 +111,19 @@ async def test_in_pipecats_harness_speech_becomes_pictures_with_their_voice_and_
     assert [frame.text for frame in others if isinstance(frame, TextFrame)] == ["before", "while", "after"]
     voices = [frame for frame in down if isinstance(frame, TTSAudioRawFrame)]
     assert not set(map(id, voices)) & set(map(id, speech))   # the service's own voice, not the TTS's frames
-    assert abs(sum(len(v.audio) // 2 for v in voices) / RATE_HZ - SPOKEN_S) <= 0.020
+    # A frame of silence leads the utterance in; then the voice, whole frames of it: the TTS's own samples (24 kHz
+    # in, 24 kHz out), then the segment's padding.
+    lead_in, timed = voices[0], voices[1:]
+    assert lead_in.pts is None and not np.frombuffer(lead_in.audio, np.int16).any()
+    said = np.concatenate([np.frombuffer(voice.audio, np.int16) for voice in timed])
+    sent = np.concatenate([np.frombuffer(frame.audio, np.int16) for frame in speech])
+    assert np.array_equal(said[:len(sent)], sent) and not said[len(sent):].any()
+    assert 0 <= len(said) / RATE_HZ - SPOKEN_S <= 1 / FPS
     pictures = [frame for frame in down if isinstance(frame, OutputImageRawFrame)]
     assert all(p.format == "RGB" and p.size == (512, 512) for p in pictures)
     spoken = spoken_pictures(down)
-    assert abs(len(spoken) - SPOKEN_S * FPS) <= 1
-    # Each voice right behind its picture, stamped with its media time; the pictures' stamps are the frame rate's.
-    for picture, voice in zip(spoken, voices):
-        assert voice.pts == picture.pts
+    assert abs(len(spoken) - SPOKEN_S * FPS) <= 1 and len(spoken) == len(timed)
+    assert_each_voice_follows_its_picture(down)
     stamps = np.array([p.pts for p in pictures])
     assert np.array_equal(np.diff(stamps), np.full(len(stamps) - 1, 40_000_000))
     # The TTSStoppedFrame goes on after the last frame of its speech.
@@ -144,10 +159,11 @@ async def test_in_a_pipeline_worker_the_face_keeps_the_frame_rate_and_an_interru
     rate = (len(times) - 1) / (times[-1] - times[0])
     print(f"{len(times)} pictures at {rate:.2f} fps; largest gap {np.diff(times).max() * 1000:.0f} ms")
     assert 24 <= rate <= 26 and np.diff(times).max() < 0.12
-    # Image and voice travel together: each voice within a frame of its picture.
-    for (when, frame), (then, after) in zip(seen, seen[1:]):
-        if isinstance(after, TTSAudioRawFrame):
-            assert isinstance(frame, OutputImageRawFrame) and after.pts == frame.pts and then - when < 0.040
+    # Image and voice travel together: each voice right behind its picture, within a frame's time.
+    assert_each_voice_follows_its_picture(frames)
+    shown = {frame.pts: when for when, frame in pictures}
+    assert all(when - shown[frame.pts] < 0.040 for when, frame in seen
+               if isinstance(frame, TTSAudioRawFrame) and frame.pts is not None)
     # The interruption: at most one picture with speech after it, and none with voice after that.
     cut = next(i for i, frame in enumerate(frames) if isinstance(frame, InterruptionFrame))
     after_cut = frames[cut:]

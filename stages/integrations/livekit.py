@@ -61,25 +61,31 @@ class TalkstreamVideoGenerator(VideoGenerator):
         self.stream = avatar.open_continuous(voice_rate_hz=sample_rate)
         self._ends: deque[int] = deque()   # per AudioSegmentEnd pushed: the segments to end before it goes out
         self._segments_ended = 0
+        self._pushed = False   # speech pushed since the last end or clear
 
     async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
         """The agent's speech as it comes (never waits); an `AudioSegmentEnd` goes out after that speech's frames."""
         await self.stream.start()
         if isinstance(frame, AudioSegmentEnd):
-            self.stream.end_segment()
-            self._ends.append(self.stream.segments_opened)
+            if self._pushed:   # (a receiver ends a cleared stream too: that end is the clear's, already told)
+                self.stream.end_segment()
+                self._ends.append(self.stream.segments_opened)
+                self._pushed = False
             return
+        self._pushed = True
         pcm = np.frombuffer(frame.data, np.int16)
         if frame.num_channels > 1:
             pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
         self.stream.push(pcm, frame.sample_rate)
 
     def clear_buffer(self) -> None:
-        """Barge-in: the speech not yet shown is dropped and the face relaxes at the next frame (the runner tells the
-        agent the playback was interrupted, so no `AudioSegmentEnd` follows)."""
+        """Barge-in: no frame of the speech not yet yielded comes after, and the face relaxes within two frames (the
+        runner tells the agent the playback was interrupted, so no `AudioSegmentEnd` follows; what its synchroniser
+        had queued, 100 ms at most, still plays)."""
         self.stream.clear()
         self._segments_ended = self.stream.segments_opened
         self._ends.clear()
+        self._pushed = False
 
     def __aiter__(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
         return self._media()

@@ -46,9 +46,12 @@ LATE_FRAMES = 2          # a frame this late (the renderer kept the reader waiti
 END_TIMEOUT_S = 30.0     # at the pipeline's end, how long the speech still queued may take to be shown
 
 
-def pipecat_frames(frame: LiveFrame, fps: float, voice_rate_hz: int) -> list[Frame]:
-    """A frame of the face as pipecat takes it: the picture (RGB), then its speech if it has any, both stamped with
-    the frame's media time."""
+def pipecat_frames(frame: LiveFrame, fps: float, voice_rate_hz: int, *, lead_in: bool = False) -> list[Frame]:
+    """A frame of the face as pipecat takes it: the picture (RGB), then, if it has speech, its whole stretch of the
+    voice (whole frames keep the transport's 40 ms audio chunks aligned with the pictures), both stamped with the
+    frame's media time from the session's start. `lead_in`: a frame of silence before the first voice of an
+    utterance. The output transport shows a live picture a frame after it comes and plays audio as it comes: the
+    silence lines the voice up with its pictures and keeps a frame of voice queued against a late tick."""
     pts = round(frame.index * 1e9 / fps)
     height, width = frame.image.shape[:2]
     picture = OutputImageRawFrame(image=cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB).tobytes(), size=(width, height),
@@ -56,9 +59,12 @@ def pipecat_frames(frame: LiveFrame, fps: float, voice_rate_hz: int) -> list[Fra
     picture.pts = pts
     if not frame.spoken:
         return [picture]
-    voice = TTSAudioRawFrame(audio=frame.voice[:frame.spoken].tobytes(), sample_rate=voice_rate_hz, num_channels=1)
+    out: list[Frame] = [picture]
+    if lead_in:
+        out.append(TTSAudioRawFrame(audio=bytes(frame.voice.nbytes), sample_rate=voice_rate_hz, num_channels=1))
+    voice = TTSAudioRawFrame(audio=frame.voice.tobytes(), sample_rate=voice_rate_hz, num_channels=1)
     voice.pts = pts
-    return [picture, voice]
+    return [*out, voice]
 
 
 class TalkstreamVideoService(FrameProcessor):
@@ -79,6 +85,7 @@ class TalkstreamVideoService(FrameProcessor):
         self._player: asyncio.Task[None] | None = None
         self._held: deque[tuple[int, Frame]] = deque()   # TTSStoppedFrames, each after the segments before it
         self._segments_ended = 0
+        self._voiced = False   # the last frame sent had speech
         self._frame_sent = asyncio.Event()
 
     @property
@@ -122,6 +129,7 @@ class TalkstreamVideoService(FrameProcessor):
         elif isinstance(frame, (InterruptionFrame, UserStartedSpeakingFrame)):
             stream.clear()
             self._segments_ended = stream.segments_opened
+            self._voiced = False
             await self.push_frame(frame, direction)
             await self._release_held()
         elif isinstance(frame, EndFrame):
@@ -145,17 +153,19 @@ class TalkstreamVideoService(FrameProcessor):
             if due > loop.time():
                 await asyncio.sleep(due - loop.time())
             frame = await stream.next_frame()
+            generation = stream.generation
             if loop.time() - due > LATE_FRAMES / fps:   # the renderer held the speech back: go on from here
                 anchor = loop.time() - index / fps
-            await self._send(frame, stream)
-            self._segments_ended += frame.ends_segment
+            lead_in, self._voiced = frame.spoken > 0 and not self._voiced, frame.spoken > 0
+            for out in pipecat_frames(frame, float(fps), stream.voice_rate_hz, lead_in=lead_in):
+                if stream.generation != generation:   # interrupted while this frame went out: the rest is stale
+                    break
+                await self.push_frame(out)
+            if stream.generation == generation:
+                self._segments_ended += frame.ends_segment
             await self._release_held()
             self._frame_sent.set()
             index += 1
-
-    async def _send(self, frame: LiveFrame, stream: ContinuousSession) -> None:
-        for out in pipecat_frames(frame, float(stream.fps), stream.voice_rate_hz):
-            await self.push_frame(out)
 
     async def _release_held(self) -> None:
         """A TTSStoppedFrame goes on once the last frame of its speech has."""
