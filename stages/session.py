@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import io
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from stages.audio import (
@@ -53,7 +58,7 @@ from stages.portrait import DlibDetector, Portrait, prepare_portrait
 from stages.render import RenderStage
 from stages.sinks import Sink, check_writable, open_sink
 from stream.clock import FrameClock, ms_of_seconds
-from stream.errors import InputError, PresetError
+from stream.errors import InputError, PresetError, TalkstreamError
 from stream.frames import SpeechBuffer, StreamInfo, VideoFrame
 from stream.pacing import Clock
 from stream.pipeline import DRAIN_MAX, Chain, Closing, Pipeline, Stage, run_together
@@ -69,7 +74,7 @@ __all__ = [
     "LIVE_RATES_HZ", "AudioReader", "Avatar", "ContinuousSession", "DlibDetector", "LiveFrame", "LiveSession",
     "LiveStats", "Session", "check_writable",
     "describe_checkpoints", "enhancer_benchmark", "load_networks", "load_preset", "open_sink", "render",
-    "renderer_benchmark", "speech_lead_ms", "wav_bytes",
+    "render_job", "renderer_benchmark", "speech_lead_ms", "wav_bytes",
 ]
 
 
@@ -410,6 +415,68 @@ def _read_in_background(reader: AudioReader, loop: asyncio.AbstractEventLoop,
 
     threading.Thread(target=pump, name="talkstream-decode", daemon=True).start()
     return blocks
+
+
+# `talkstream batch`: one job in a worker process or a Ray task, a failure told in its result, never raised (the
+# other jobs go on); the avatars this process prepared are kept for the jobs after it (a course's 300 lessons prepare
+# their portrait once per worker, not 300 times).
+
+BATCH_AVATARS_KEPT = 8
+_avatars: OrderedDict[tuple[Any, ...], Avatar] = OrderedDict()
+
+
+def render_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Render `spec` (its portrait, audio, output, format, preset, overrides, backend, checkpoints; the inputs' bytes
+    where they were shipped). Returns status, seconds, frames, the seconds spent preparing its avatar (0 when this
+    process had it) and, for a failure, the reason in one line."""
+    started = time.perf_counter()
+    prepare_s = 0.0
+    try:
+        cv2.setNumThreads(1)   # one thread per library: the parallelism is the jobs'
+        output = Path(spec["output"])
+        check_writable(output)
+        audio = spec.get("audio_bytes")   # opened first: corrupt speech fails before any face work
+        reader = AudioReader(io.BytesIO(audio) if audio is not None else Path(spec["audio"]), name=spec["audio"],
+                             notice=_quiet)
+        avatar, prepare_s = _avatar(spec)
+        frames = asyncio.run(render(avatar, reader,
+                                    lambda info: open_sink(output, spec["format"], info, avatar.preset.encode)))
+    except TalkstreamError as error:
+        return _failed(started, prepare_s, str(error))
+    except Exception as error:  # noqa: BLE001 - one job's failure, told in its result; the batch goes on
+        return _failed(started, prepare_s, f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+    return {"status": "done", "seconds": time.perf_counter() - started, "frames": frames, "prepare_s": prepare_s}
+
+
+def _failed(started: float, prepare_s: float, reason: str) -> dict[str, Any]:
+    return {"status": "failed", "seconds": time.perf_counter() - started, "error": reason, "prepare_s": prepare_s}
+
+
+def _avatar(spec: dict[str, Any]) -> tuple[Avatar, float]:
+    """This process's avatar for the job's portrait (by the image's hash) and preset: prepared on first use."""
+    portrait = spec.get("portrait_bytes")
+    if portrait is None:
+        portrait = Path(spec["portrait"]).read_bytes()
+    key = (hashlib.sha256(portrait).hexdigest(), spec.get("preset"), tuple(spec.get("overrides", ())),
+           spec.get("backend", "embedded"), spec.get("checkpoints"))
+    if key in _avatars:
+        _avatars.move_to_end(key)
+        return _avatars[key], 0.0
+    started = time.perf_counter()
+    options: dict[str, Any] = {"overrides": spec.get("overrides", ()), "backend": spec.get("backend", "embedded"),
+                               "checkpoints": spec.get("checkpoints"), "name": spec["portrait"], "notice": _quiet,
+                               "strict": bool(spec.get("strict"))}
+    if spec.get("preset"):
+        options["preset"] = spec["preset"]
+    avatar = Avatar.prepare(portrait, **options)
+    _avatars[key] = avatar
+    while len(_avatars) > BATCH_AVATARS_KEPT:
+        _avatars.popitem(last=False)
+    return avatar, time.perf_counter() - started
+
+
+def _quiet(message: str) -> None:
+    """Notices (a second face, audio not as declared) would break the batch's progress bar: jobs keep quiet."""
 
 
 def __getattr__(name: str) -> Any:

@@ -35,7 +35,15 @@ EXAMPLES = """examples:
   talkstream render face.jpg speech.wav --preset quality --enhancer gfpgan --checkpoints ~/SadTalker -o hq.mp4
   talkstream presets
   talkstream bench --presets ultra_fast,balanced --json bench.json
+  talkstream batch jobs.csv --jobs 2 --report report.json   # jobs.csv: portrait,audio,output per line
   talkstream serve --port 8080          # then open http://127.0.0.1:8080/
+"""
+
+BATCH_EXAMPLES = """examples:
+  talkstream batch jobs.csv --report report.json     # jobs.csv: portrait,audio,output[,preset,blend.mode,...]
+  talkstream batch --portraits faces/ --audio lessons/ -o videos/ --jobs 2
+  talkstream batch --portraits faces/ --audio speech/ -o videos/ --pairs   # faces/anna.png + speech/anna.wav
+  talkstream batch jobs.jsonl --ray auto                 # each job a Ray task on this machine's cluster
 """
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -80,6 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--profile", action="store_true", help="print where the time went, per stage")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    batch = commands.add_parser("batch", help="render many videos from a manifest, in parallel, resumable",
+                                description="Render many talking portraits: every job of a manifest (CSV or JSON "
+                                "lines with portrait,\naudio, output and optionally preset and any preset key), or "
+                                "every portrait with every\nspeech of two folders. Jobs run in parallel, here or on a "
+                                "Ray cluster; a job that fails\nfails alone; outputs already complete are skipped.",
+                                epilog=BATCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("jobs", nargs="?", type=Path, help="the manifest: JOBS.csv or JOBS.jsonl (relative paths are "
+                       "its folder's)")
+    batch.add_argument("--portraits", type=Path, metavar="DIR", help="instead of a manifest: every portrait in DIR...")
+    batch.add_argument("--audio", type=Path, metavar="DIR", help="...with every speech in DIR")
+    batch.add_argument("-o", "--output", type=Path, metavar="OUTDIR", help="...into OUTDIR as PORTRAIT-SPEECH.mp4")
+    batch.add_argument("--pairs", action="store_true", help="with the folders: each portrait with the speech of the "
+                       "same name only, into OUTDIR/NAME.mp4")
+    batch.add_argument("--jobs", dest="workers", type=positive(int), metavar="N", help="jobs at a time on this "
+                       "machine (default: one per usable core)")
+    batch.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="run each job as a Ray task: on a "
+                       "runtime started for the run, or on the cluster at ADDRESS (auto or ray://HOST:PORT); inputs "
+                       "are read from paths every node sees (needs the [cluster] extra)")
+    batch.add_argument("--ship-inputs", action="store_true", help="with --ray: send the inputs' bytes with each job "
+                       "instead (for small jobs, nodes that do not share the files)")
+    batch.add_argument("--force", action="store_true", help="render again outputs that are already complete")
+    batch.add_argument("--report", type=Path, metavar="FILE", help="write each job's status, seconds, frames and "
+                       "error as JSON (default: none)")
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary")
+    _add_preset_options(batch)
+
     commands.add_parser("presets", help="list the presets, one line each",
                         description="List the presets (speed tiers), one line each; the default is marked.")
 
@@ -112,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the sessions in the server's own process)")
     bench.add_argument("--ray", action="store_true", help="with --live: the workers as Ray actors on a local "
                        "runtime, as `serve --ray` (needs the cluster extra)")
+    bench.add_argument("--batch", type=positive(int), metavar="JOBS", help="instead: JOBS jobs of 10 s speech "
+                       "through `talkstream batch` with --jobs 1, --jobs 2 and --ray (when installed): jobs per "
+                       "minute, and the avatar prepared once per worker against once per job")
     bench.add_argument("--integrations", action="store_true", help="instead: what the LiveKit and pipecat "
                        "integrations add to a frame of the bare live session (ms; those installed)")
     bench.add_argument("--portrait", type=Path, default=EXAMPLE_PORTRAIT, help="the portrait of the enhancer "
@@ -178,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _presets()
         if args.command == "bench":
             return _bench(args)
+        if args.command == "batch":
+            return _batch(args)
         return _doctor(args)
     except TalkstreamError as error:
         print(f"talkstream: error: {error}", file=sys.stderr)
@@ -239,6 +278,58 @@ def preset_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _batch(args: argparse.Namespace) -> int:
+    import time
+    from dataclasses import replace
+
+    from stages.session import render_job
+    from stream import batch
+    from stream.workers import usable_cores, visible_gpus
+
+    if args.jobs is not None and (args.portraits or args.audio or args.output):
+        raise batch.ManifestError("give a manifest or --portraits, --audio and -o, not both")
+    if args.jobs is not None:
+        jobs, source = batch.read_manifest(args.jobs), str(args.jobs)
+    elif args.portraits and args.audio and args.output:
+        args.output.mkdir(parents=True, exist_ok=True)
+        jobs, source = batch.pair_jobs(args.portraits, args.audio, args.output, by_name=args.pairs), "pair"
+    else:
+        raise batch.ManifestError("give a manifest (JOBS.csv or JOBS.jsonl), or --portraits DIR --audio DIR -o OUTDIR")
+    for number, job in enumerate(jobs):
+        fmt = FILE_FORMATS.get(Path(job.output).suffix.lower())
+        if fmt is None:
+            raise batch.ManifestError(f"{source} line {job.line}: cannot tell the output format of {job.output}: "
+                                      f"name it with one of {', '.join(FILE_FORMATS)}")
+        jobs[number] = replace(job, format=fmt)
+    if args.ship_inputs and args.ray is None:
+        raise batch.ManifestError("--ship-inputs is for --ray (here every job reads its own files)")
+    gpu = args.backend == "sadtalker" or args.enhancer in ("gfpgan", "restoreformer", "best")
+    resources: dict[str, float] = {"num_gpus": 1} if gpu and visible_gpus() else {"num_cpus": 1}
+    workers = args.workers or (max(1, len(visible_gpus())) if gpu and visible_gpus() else usable_cores())
+    common = {"preset": args.preset, "overrides": preset_overrides(args), "backend": args.backend,
+              "checkpoints": str(args.checkpoints) if args.checkpoints else None, "strict": args.strict}
+    progress = batch.Progress(len(jobs), quiet=args.quiet)
+    where = f"Ray ({args.ray})" if args.ray is not None else f"{workers} worker{'s' if workers > 1 else ''}"
+    if not args.quiet:
+        print(f"talkstream batch: {len(jobs)} jobs on {where}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    results: list[batch.Result] = []
+    try:
+        results = batch.run_batch(jobs, render_job, workers=workers, ray=args.ray, ship_inputs=args.ship_inputs,
+                                  force=args.force, resources=resources, progress=progress, common=common)
+    except KeyboardInterrupt as interruption:
+        stopped = isinstance(interruption, Stopped)
+        print(f"\ntalkstream batch: {'stopped' if stopped else 'interrupted'}; {progress.counts['done']} outputs "
+              "finished and kept, none half-written", file=sys.stderr)
+        return STOPPED if stopped else INTERRUPTED
+    seconds = time.monotonic() - started
+    for line in batch.summary(results, seconds):
+        print(line, file=sys.stderr)
+    if args.report:
+        batch.write_report(args.report, results, seconds)
+    return 1 if any(result.status == "failed" for result in results) else 0
+
+
 def _presets() -> int:
     from stream.presets import PresetBook
 
@@ -290,6 +381,21 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.batch:
+        import importlib.util
+        import tempfile
+
+        from stages.session import render_job
+        from stream import bench as bench_output
+        from stream.batch import bench_batch
+
+        with tempfile.TemporaryDirectory(prefix="talkstream-batch-bench-") as scratch:
+            report = bench_batch(args.batch, render_job, args.portrait, EXAMPLE_SPEECH, Path(scratch),
+                                 preset=args.presets.split(",")[0].strip() or DEFAULT_PRESET,
+                                 with_ray=importlib.util.find_spec("ray") is not None, log=print)
+        if args.json:
+            bench_output.write_json(args.json, report)
+        return 0
     if args.integrations:
         from stages.integrations.bench import integration_benchmark  # a door of its own, as for the frameworks
         from stages.session import Avatar

@@ -1,7 +1,8 @@
-"""The workers as Ray actors (`serve --ray`): Ray's scheduler places them on the nodes of a cluster (a GPU each for a
-GPU backend, a CPU each otherwise) and restarts one that dies; the front watches them like its own processes.
+"""Ray for `serve --ray` and `batch --ray`: the serve workers as Ray actors (Ray's scheduler places them on the nodes
+of a cluster, a GPU each for a GPU backend, a CPU each otherwise, and restarts one that dies; the front watches them
+like its own processes), and the connection both use.
 
-Imported only by `serve --ray`: Ray is in the `cluster` extra, and nothing else here needs it.
+Imported only with `--ray`: Ray is in the `cluster` extra, and nothing else here needs it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from stream.errors import TalkstreamError
 from stream.workers import Worker
 
 if importlib.util.find_spec("ray") is None:
-    raise TalkstreamError("serve --ray needs Ray, which is not installed: pip install -e '.[cluster]'")
+    raise TalkstreamError("--ray needs Ray, which is not installed: pip install -e '.[cluster]'")
 # Ray itself is imported by `ray_workers`, after `_send_the_token` (Ray reads its environment as it is imported).
 
 LOG = logging.getLogger("talkstream.ray")
@@ -119,9 +120,9 @@ class RayWorker(Worker):
             ray.kill(self.actor, no_restart=True)
 
 
-def ray_workers(count: int | None, entry: str, settings_json: str, address: str, *, gpus: bool) -> list[Worker]:
-    """Connect to Ray (`address`: "local" starts a runtime for this run; "auto" or ray://HOST:PORT joins a cluster)
-    and make `count` worker actors (None: one per GPU of the cluster for a GPU backend, else one per CPU)."""
+def connect(address: str) -> Any:
+    """Ray, connected: "local" starts a runtime for this run (even where a cluster was started with `ray start`);
+    "auto" or ray://HOST:PORT joins a cluster. A cluster that cannot be reached is one line (TalkstreamError)."""
     if address != "local":
         _reachable(address)
         _send_the_token(address)
@@ -129,7 +130,7 @@ def ray_workers(count: int | None, entry: str, settings_json: str, address: str,
     from ray.exceptions import RayError
 
     try:
-        if address == "local":   # a runtime of its own, even where a cluster was started with `ray start`
+        if address == "local":
             ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                      # a dead actor is reported in 0.1-0.5 s rather than 1.2-1.7 s
                      _system_config={"timeout_ms_task_wait_for_death_info": 100})
@@ -140,6 +141,13 @@ def ray_workers(count: int | None, entry: str, settings_json: str, address: str,
         hint = " (a cluster that requires Ray's token: put it in ~/.ray/auth_token or $RAY_AUTH_TOKEN)" \
             if address.startswith("ray://") and ("auth" in reason.lower() or "token" in reason.lower()) else ""
         raise TalkstreamError(f"cannot reach the Ray cluster at {address}: {reason}{hint}") from None
+    return ray
+
+
+def ray_workers(count: int | None, entry: str, settings_json: str, address: str, *, gpus: bool) -> list[Worker]:
+    """Connect to Ray (see `connect`) and make `count` worker actors (None: one per GPU of the cluster for a GPU
+    backend, else one per CPU)."""
+    ray = connect(address)
     resources = ray.cluster_resources()
     per_worker = {"num_gpus": 1} if gpus and resources.get("GPU") else {"num_cpus": 1}
     if count is None:

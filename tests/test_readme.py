@@ -408,6 +408,32 @@ def pipecat_example(command: str, work: Path, env: dict[str, str]) -> None:
         stop(process)
 
 
+def batch_runs(*files: str) -> Check:
+    """The batch command as typed, in a folder with what it names: a manifest of two jobs (or the folders `faces` and
+    `lessons`); every output complete, and for a report, every job in it."""
+    def check(command: str, work: Path, env: dict[str, str]) -> None:
+        import json
+
+        scene = work / "batch"
+        shutil.rmtree(scene, ignore_errors=True)
+        (scene / "faces").mkdir(parents=True)
+        (scene / "lessons").mkdir()
+        shutil.copy(PORTRAIT, scene / "faces" / "anna.png")
+        shutil.copy(SPEECH, scene / "lessons" / "intro.wav")
+        (scene / "jobs.csv").write_text("portrait,audio,output,preset\nfaces/anna.png,lessons/intro.wav,videos/a.mp4,"
+                                        "ultra_fast\nfaces/anna.png,lessons/intro.wav,videos/b.mkv,\n")
+        (scene / "videos").mkdir()
+        _run(command, scene, env, timeout=900)
+        made = sorted(path.name for path in (scene / "videos").iterdir())
+        assert made == (["a.mp4", "b.mkv"] if "jobs.csv" in files else ["anna-intro.mp4"]), made
+        for name in made:
+            _assert_video(scene / "videos" / name, _example_speech()[0].size / _example_speech()[1])
+        if "--report report.json" in files:
+            assert [job["status"] for job in json.loads((scene / "report.json").read_text())["jobs"]] == ["done"] * 2
+
+    return check
+
+
 RUNS: dict[str, Check] = {
     "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/talkstream render examples/astronaut.png "
     "examples/speech.wav -o talk.mp4": quick_start,
@@ -453,6 +479,10 @@ RUNS: dict[str, Check] = {
     "talkstream render face.jpg speech.wav --preset quality --checkpoints ~/SadTalker --strict -o best.mp4":
         needs_extra("gfpgan", renders("best.mp4", SPEECH_S)),
     "talkstream doctor --checkpoints ~/SadTalker": prints("GFPGANv1.4.pth", extras=("gfpgan",)),
+    "talkstream batch jobs.csv --report report.json": batch_runs("jobs.csv", "--report report.json"),
+    "talkstream batch --portraits faces --audio lessons -o videos --jobs 2": batch_runs(),
+    "talkstream batch jobs.csv --ray": needs_extra("ray", batch_runs("jobs.csv")),
+    "talkstream bench --batch 12": prints("--jobs 1", "--jobs 2", "2 workers over 1"),
     "pip install -e '.[livekit]'": pip_installs,
     "pip install -e '.[pipecat]'": pip_installs,
     "python examples/pipecat_avatar.py": needs_extra("pipecat", pipecat_example),
