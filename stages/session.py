@@ -354,7 +354,13 @@ async def render(
     profiler = profiler or Profiler()
     loop = asyncio.get_running_loop()
     session = avatar.open_session(reader.format.rate_hz, reader.format.channels, profiler=profiler)
-    sink = await loop.run_in_executor(None, sink_factory, session.info)
+    making = loop.run_in_executor(None, sink_factory, session.info)
+    try:
+        sink = await asyncio.shield(making)
+    except BaseException:   # stopped while the sink was being made (its temporary file too): removed once made
+        with contextlib.suppress(Exception):
+            await loop.run_in_executor(None, (await making).abort)
+        raise
     decode_times, sink_times = profiler.stage("decode"), profiler.stage("sink")
     sink_pool = ThreadPoolExecutor(1, thread_name_prefix="talkstream-sink")
     blocks = _read_in_background(reader, loop, decode_times)

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import PORTRAIT, ROOT, SPEECH, stop, talkstream_command
 
 FPS = 25
-SPEECH_S = {"long.wav": 7.0, "short.wav": 5.0}
+SPEECH_S = {"long.wav": 20.0, "short.wav": 15.0}   # long enough that a re-run is measured against real work
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def folder(tmp_path: Path) -> Path:
         rate = reader.getframerate()
         pcm = np.frombuffer(reader.readframes(reader.getnframes()), np.int16)
     for name, seconds in SPEECH_S.items():
-        looped = np.tile(pcm, 2)[:int(rate * seconds)]
+        looped = np.tile(pcm, 3)[:int(rate * seconds)]
         with wave.open(str(tmp_path / name), "wb") as writer:
             writer.setnchannels(1)
             writer.setsampwidth(2)
