@@ -56,7 +56,7 @@ from stages.live import (
 from stages.motion import MotionModel, MotionStage
 from stages.portrait import DlibDetector, Portrait, prepare_portrait
 from stages.render import RenderStage
-from stages.sinks import Sink, check_writable, open_sink
+from stages.sinks import Sink, check_writable, discard_partial, open_sink
 from stream.clock import FrameClock, ms_of_seconds
 from stream.errors import InputError, PresetError, TalkstreamError
 from stream.frames import SpeechBuffer, StreamInfo, VideoFrame
@@ -72,7 +72,7 @@ WEBRTC_NAMES = ("BadOffer", "WebRtcPeer", "is_loopback", "live_peer_connections"
 # names and `bench_live` come from `__getattr__` below, on first use.
 __all__ = [
     "LIVE_RATES_HZ", "AudioReader", "Avatar", "ContinuousSession", "DlibDetector", "LiveFrame", "LiveSession",
-    "LiveStats", "Session", "check_writable",
+    "LiveStats", "Session", "check_writable", "discard_partial",
     "describe_checkpoints", "enhancer_benchmark", "load_networks", "load_preset", "open_sink", "render",
     "render_job", "renderer_benchmark", "speech_lead_ms", "wav_bytes",
 ]

@@ -209,13 +209,23 @@ class _Muxer:
         self.container.close()
 
 
+def discard_partial(path: str | Path) -> None:
+    """Remove what an output's stopped writer left (its temporary files), for a writer killed before it could."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.*{PARTIAL_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+
+
+PARTIAL_SUFFIX = ".part"
+
+
 class _Temporary:
     """A file beside `path`, renamed onto it by `publish()` (with the usual permissions), deleted by `discard()`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
         except OSError as error:
             raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
         os.close(handle)

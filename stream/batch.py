@@ -185,10 +185,12 @@ RunJob = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def run_batch(jobs: list[Job], run_job: RunJob, *, workers: int, ray: str | None, ship_inputs: bool,
-              force: bool, resources: dict[str, float], progress: Progress, common: dict[str, Any]) -> list[Result]:
+              force: bool, resources: dict[str, float], progress: Progress, common: dict[str, Any],
+              discard_partial: Callable[[str], None]) -> list[Result]:
     """Every job, skipping complete outputs unless `force`: on `workers` processes of this machine, or as Ray tasks
     (`ray`: "local", "auto" or ray://HOST:PORT) asking for `resources` each. `common`: what every job's dictionary
-    carries besides its own fields (backend, checkpoints, the command line's preset and keys)."""
+    carries besides its own fields (backend, checkpoints, the command line's preset and keys). Stopped early, the
+    renders under way are stopped and `discard_partial(output)` removes whatever a worker killed mid-write left."""
     results: list[Result] = []
     todo = []
     for job in jobs:
@@ -201,9 +203,16 @@ def run_batch(jobs: list[Job], run_job: RunJob, *, workers: int, ray: str | None
     if not todo:
         return results
     run = _run_on_ray(ray, resources) if ray is not None else _run_on_processes(workers)
-    for job, outcome in run(run_job, list(zip(todo, specs))):
-        results.append(Result(job.line, job.output, **outcome))
-        progress.finished(results[-1])
+    ended: set[str] = set()
+    try:
+        for job, outcome in run(run_job, list(zip(todo, specs))):
+            ended.add(job.output)
+            results.append(Result(job.line, job.output, **outcome))
+            progress.finished(results[-1])
+    finally:
+        for job in todo:
+            if job.output not in ended:
+                discard_partial(job.output)
     return sorted(results, key=lambda result: result.line)
 
 
@@ -288,6 +297,9 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
             process.terminate()
     for process in processes:
         process.join(10)
+        if process.is_alive():   # still unwinding after 10 s: ended, its leftovers removed by the caller
+            process.kill()
+            process.join()
 
 
 def _run_on_ray(address: str, resources: dict[str, float]) -> Callable[[RunJob, Pairs],
@@ -390,7 +402,7 @@ BENCH_SPEECH_S = 10.0
 
 
 def bench_batch(count: int, run_job: RunJob, portrait: Path, speech: Path, scratch: Path, *, preset: str,
-                with_ray: bool, log: Callable[[str], None]) -> dict[str, Any]:
+                with_ray: bool, log: Callable[[str], None], discard_partial: Callable[[str], None]) -> dict[str, Any]:
     """`talkstream bench --batch N`: N jobs of 10 s of speech (the example's, looped) on one portrait, with 1 and 2
     workers and as Ray tasks on a local runtime: jobs per minute, and what preparing the avatar costs once per worker
     (what batch does) against once per job."""
@@ -418,7 +430,8 @@ def bench_batch(count: int, run_job: RunJob, portrait: Path, speech: Path, scrat
         started = time.monotonic()
         results = run_batch(jobs, run_job, workers=workers, ray=ray, ship_inputs=False, force=True,
                             resources={"num_cpus": 1}, progress=Progress(count, quiet=True),
-                            common={"preset": preset, "overrides": [], "backend": "embedded"})
+                            common={"preset": preset, "overrides": [], "backend": "embedded"},
+                            discard_partial=discard_partial)
         seconds = time.monotonic() - started
         failed = [result.error for result in results if result.status != "done"]
         if failed:

@@ -96,16 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=BATCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     batch.add_argument("jobs", nargs="?", type=Path, help="the manifest: JOBS.csv or JOBS.jsonl (relative paths are "
                        "its folder's)")
-    batch.add_argument("--portraits", type=Path, metavar="DIR", help="instead of a manifest: every portrait in DIR...")
-    batch.add_argument("--audio", type=Path, metavar="DIR", help="...with every speech in DIR")
-    batch.add_argument("-o", "--output", type=Path, metavar="OUTDIR", help="...into OUTDIR as PORTRAIT-SPEECH.mp4")
+    batch.add_argument("--portraits", type=Path, metavar="DIR", help="instead of a manifest: every portrait "
+                       "in DIR... (default: none)")
+    batch.add_argument("--audio", type=Path, metavar="DIR", help="...with every speech in DIR (default: none)")
+    batch.add_argument("-o", "--output", type=Path, metavar="OUTDIR", help="...into OUTDIR as "
+                       "PORTRAIT-SPEECH.mp4 (default: none)")
     batch.add_argument("--pairs", action="store_true", help="with the folders: each portrait with the speech of the "
                        "same name only, into OUTDIR/NAME.mp4")
     batch.add_argument("--jobs", dest="workers", type=positive(int), metavar="N", help="jobs at a time on this "
                        "machine (default: one per usable core)")
     batch.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="run each job as a Ray task: on a "
                        "runtime started for the run, or on the cluster at ADDRESS (auto or ray://HOST:PORT); inputs "
-                       "are read from paths every node sees (needs the [cluster] extra)")
+                       "are read from paths every node sees (needs the [cluster] extra) (default: none: this "
+                       "machine's processes)")
     batch.add_argument("--ship-inputs", action="store_true", help="with --ray: send the inputs' bytes with each job "
                        "instead (for small jobs, nodes that do not share the files)")
     batch.add_argument("--force", action="store_true", help="render again outputs that are already complete")
@@ -148,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "runtime, as `serve --ray` (needs the cluster extra)")
     bench.add_argument("--batch", type=positive(int), metavar="JOBS", help="instead: JOBS jobs of 10 s speech "
                        "through `talkstream batch` with --jobs 1, --jobs 2 and --ray (when installed): jobs per "
-                       "minute, and the avatar prepared once per worker against once per job")
+                       "minute, and the avatar prepared once per worker against once per job (default: none)")
     bench.add_argument("--integrations", action="store_true", help="instead: what the LiveKit and pipecat "
                        "integrations add to a frame of the bare live session (ms; those installed)")
     bench.add_argument("--portrait", type=Path, default=EXAMPLE_PORTRAIT, help="the portrait of the enhancer "
@@ -282,7 +285,7 @@ def _batch(args: argparse.Namespace) -> int:
     import time
     from dataclasses import replace
 
-    from stages.session import render_job
+    from stages.session import discard_partial, render_job
     from stream import batch
     from stream.workers import usable_cores, visible_gpus
 
@@ -316,7 +319,8 @@ def _batch(args: argparse.Namespace) -> int:
     results: list[batch.Result] = []
     try:
         results = batch.run_batch(jobs, render_job, workers=workers, ray=args.ray, ship_inputs=args.ship_inputs,
-                                  force=args.force, resources=resources, progress=progress, common=common)
+                                  force=args.force, resources=resources, progress=progress, common=common,
+                                  discard_partial=discard_partial)
     except KeyboardInterrupt as interruption:
         stopped = isinstance(interruption, Stopped)
         print(f"\ntalkstream batch: {'stopped' if stopped else 'interrupted'}; {progress.counts['done']} outputs "
@@ -385,14 +389,15 @@ def _bench(args: argparse.Namespace) -> int:
         import importlib.util
         import tempfile
 
-        from stages.session import render_job
+        from stages.session import discard_partial, render_job
         from stream import bench as bench_output
         from stream.batch import bench_batch
 
         with tempfile.TemporaryDirectory(prefix="talkstream-batch-bench-") as scratch:
             report = bench_batch(args.batch, render_job, args.portrait, EXAMPLE_SPEECH, Path(scratch),
                                  preset=args.presets.split(",")[0].strip() or DEFAULT_PRESET,
-                                 with_ray=importlib.util.find_spec("ray") is not None, log=print)
+                                 with_ray=importlib.util.find_spec("ray") is not None, log=print,
+                                 discard_partial=discard_partial)
         if args.json:
             bench_output.write_json(args.json, report)
         return 0

@@ -38,10 +38,12 @@ def test_every_subcommand_has_a_description_and_every_option_says_its_default():
 
 @pytest.mark.parametrize("argv, optional", [
     (["render", "p.png", "a.wav"], {"format", "checkpoints", "enhancer", "seed", "rate"}),
-    (["bench"], {"checkpoints", "live", "latency_ms", "cpu", "json"}),
+    (["bench"], {"checkpoints", "live", "batch", "latency_ms", "cpu", "json"}),
+    (["batch", "jobs.csv"], {"portraits", "audio", "output", "workers", "ray", "report", "checkpoints", "enhancer",
+                             "seed"}),
     (["doctor"], {"checkpoints"}),
     (["presets"], set()),
-], ids=["render", "bench", "doctor", "presets"])
+], ids=["render", "bench", "batch", "doctor", "presets"])
 def test_defaults_are_plain_values_and_none_only_where_leaving_the_option_out_means_something(
         argv: list[str], optional: set[str]):
     values = vars(build_parser().parse_args(argv))
