@@ -209,13 +209,14 @@ class Avatar:
         return cls(prepared, resolved, settings, face, enhancer=choice.name, restorer=restorer)
 
     def open_session(self, speech_rate_hz: int, speech_channels: int = 1, *,
-                     profiler: Profiler | None = None) -> Session:
-        """A session for speech pushed as int16 at `speech_rate_hz` (a rate AAC carries), mono or stereo."""
+                     profiler: Profiler | None = None, chained: bool = False) -> Session:
+        """A session for speech pushed as int16 at `speech_rate_hz` (a rate AAC carries), mono or stereo; `chained`:
+        its stages on one thread (see `Session`)."""
         speech = output_format(speech_rate_hz, speech_channels)
         if (speech.rate_hz, speech.channels) != (speech_rate_hz, speech_channels):
             raise InputError(f"a session takes mono or stereo speech at one of {', '.join(map(str, AAC_RATES_HZ))} "
                              f"Hz, not {speech_channels} channels at {speech_rate_hz} Hz")
-        return Session(self, speech, profiler=profiler)
+        return Session(self, speech, profiler=profiler, chained=chained)
 
 
 def load_networks(backend: str, checkpoints: str | Path | None, overrides: Iterable[str] = ()) -> Any:
@@ -345,15 +346,17 @@ async def render(
     *,
     profiler: Profiler | None = None,
     on_frame: Callable[[VideoFrame], None] | None = None,
+    chained: bool = False,
 ) -> int:
     """Speech from `reader` -> frames into the sink made for the stream; returns the number of frames written.
 
     The reader and the sink each run on a thread of their own, so decoding, rendering and encoding overlap.
-    On any error (or cancellation) the sink is aborted, never closed as if complete.
+    On any error (or cancellation) the sink is aborted, never closed as if complete. `chained`: the stages on one
+    thread, for renders side by side (a batch), where each should take one core, not overlap its stages on two.
     """
     profiler = profiler or Profiler()
     loop = asyncio.get_running_loop()
-    session = avatar.open_session(reader.format.rate_hz, reader.format.channels, profiler=profiler)
+    session = avatar.open_session(reader.format.rate_hz, reader.format.channels, profiler=profiler, chained=chained)
     making = loop.run_in_executor(None, sink_factory, session.info)
     try:
         sink = await asyncio.shield(making)
@@ -446,7 +449,8 @@ def render_job(spec: dict[str, Any]) -> dict[str, Any]:
                              notice=_quiet)
         avatar, prepare_s = _avatar(spec)
         frames = asyncio.run(render(avatar, reader,
-                                    lambda info: open_sink(output, spec["format"], info, avatar.preset.encode)))
+                                    lambda info: open_sink(output, spec["format"], info, avatar.preset.encode),
+                                    chained=bool(spec.get("side_by_side"))))
     except TalkstreamError as error:
         return _failed(started, prepare_s, str(error))
     except Exception as error:  # noqa: BLE001 - one job's failure, told in its result; the batch goes on

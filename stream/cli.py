@@ -50,6 +50,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_PORTRAIT = EXAMPLES_DIR / "astronaut.png"
 EXAMPLE_SPEECH = EXAMPLES_DIR / "speech.wav"
 USER_ERROR = 2
+BENCH_PRESETS = "ultra_fast,fast,balanced,quality"
 INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a process ended by the signal
 STOPPED = 128 + signal.SIGTERM
 SERVER_PACKAGES = ("aiohttp", "aiortc")
@@ -123,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure fps, real-time factor, first-frame latency, per-stage ms",
                                 description="Benchmark the presets on the example portrait: fps, real-time factor, "
                                 "first-frame latency and milliseconds per stage, the median of warm runs.")
-    bench.add_argument("--presets", default="ultra_fast,fast,balanced,quality",
-                       help="comma-separated presets (default: %(default)s)")
+    bench.add_argument("--presets", default=BENCH_PRESETS,
+                       help="comma-separated presets (default: %(default)s; --batch renders with batch's default, "
+                       f"{DEFAULT_PRESET}, or the first named)")
     bench.add_argument("--seconds", type=positive(float), default=60.0, help="length of the long speech (default: "
                        "%(default)s)")
     bench.add_argument("--runs", type=positive(int), default=3, help="warm runs per preset; the median is kept "
@@ -395,7 +397,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         with tempfile.TemporaryDirectory(prefix="talkstream-batch-bench-") as scratch:
             report = bench_batch(args.batch, render_job, args.portrait, EXAMPLE_SPEECH, Path(scratch),
-                                 preset=args.presets.split(",")[0].strip() or DEFAULT_PRESET,
+                                 preset=DEFAULT_PRESET if args.presets == BENCH_PRESETS
+                                 else args.presets.split(",")[0].strip() or DEFAULT_PRESET,
                                  with_ray=importlib.util.find_spec("ray") is not None, log=print,
                                  discard_partial=discard_partial)
         if args.json:
