@@ -58,7 +58,7 @@ from stages.portrait import DlibDetector, Portrait, prepare_portrait
 from stages.render import RenderStage
 from stages.sinks import Sink, check_writable, discard_partial, open_sink
 from stream.clock import FrameClock, ms_of_seconds
-from stream.errors import InputError, PresetError, TalkstreamError
+from stream.errors import InputError, PresetError, TalkstreamError, first_line
 from stream.frames import SpeechBuffer, StreamInfo, VideoFrame
 from stream.pacing import Clock
 from stream.pipeline import DRAIN_MAX, Chain, Closing, Pipeline, Stage, run_together
@@ -454,7 +454,7 @@ def render_job(spec: dict[str, Any]) -> dict[str, Any]:
     except TalkstreamError as error:
         return _failed(started, prepare_s, str(error))
     except Exception as error:  # noqa: BLE001 - one job's failure, told in its result; the batch goes on
-        return _failed(started, prepare_s, f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+        return _failed(started, prepare_s, f"{type(error).__name__}: {first_line(error)}")
     return {"status": "done", "seconds": time.perf_counter() - started, "frames": frames, "prepare_s": prepare_s}
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from stream.errors import InputError
+from stream.errors import InputError, first_line
 
 REQUIRED = ("portrait", "audio", "output")
 STOPPED_STATUS = 128 + signal.SIGTERM
@@ -185,12 +185,13 @@ RunJob = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def run_batch(jobs: list[Job], run_job: RunJob, *, workers: int, ray: str | None, ship_inputs: bool,
-              force: bool, resources: dict[str, float], progress: Progress, common: dict[str, Any],
+              force: bool, gpu: bool, progress: Progress, common: dict[str, Any],
               discard_partial: Callable[[str], None]) -> list[Result]:
     """Every job, skipping complete outputs unless `force`: on `workers` processes of this machine, or as Ray tasks
-    (`ray`: "local", "auto" or ray://HOST:PORT) asking for `resources` each. `common`: what every job's dictionary
-    carries besides its own fields (backend, checkpoints, the command line's preset and keys). Stopped early, the
-    renders under way are stopped and `discard_partial(output)` removes whatever a worker killed mid-write left."""
+    (`ray`: "local", "auto" or ray://HOST:PORT) asking for a CPU each, or a GPU (`gpu`, where the cluster has any).
+    `common`: what every job's dictionary carries besides its own fields (backend, checkpoints, the command line's
+    preset and keys). Stopped early, the renders under way are stopped and `discard_partial(output)` removes whatever
+    a worker killed mid-write left."""
     results: list[Result] = []
     todo = []
     for job in jobs:
@@ -204,7 +205,7 @@ def run_batch(jobs: list[Job], run_job: RunJob, *, workers: int, ray: str | None
     specs = [_spec(job, common, ship_inputs) for job in todo]
     if not todo:
         return results
-    run = _run_on_ray(ray, resources) if ray is not None else _run_on_processes(workers)
+    run = _run_on_ray(ray, gpu) if ray is not None else _run_on_processes(workers)
     ended: set[str] = set()
     try:
         for job, outcome in run(run_job, list(zip(todo, specs))):
@@ -304,7 +305,7 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
             process.join()
 
 
-def _run_on_ray(address: str, resources: dict[str, float]) -> Callable[[RunJob, Pairs],
+def _run_on_ray(address: str, gpu: bool) -> Callable[[RunJob, Pairs],
                                                                       Iterator[tuple[Job, dict[str, Any]]]]:
     def run(run_job: RunJob, pairs: Pairs) -> Iterator[tuple[Job, dict[str, Any]]]:
         from stream.ray_workers import connect, disconnect
@@ -314,6 +315,7 @@ def _run_on_ray(address: str, resources: dict[str, float]) -> Callable[[RunJob, 
         ray: Any = connect(address) if owned else loaded
         pending: dict[Any, Job] = {}
         try:
+            resources = {"num_gpus": 1} if gpu and ray.cluster_resources().get("GPU") else {"num_cpus": 1}
             task = ray.remote(max_retries=0, **resources)(run_job)
             pending = {task.remote(spec): job for job, spec in pairs}
             while pending:
@@ -323,7 +325,7 @@ def _run_on_ray(address: str, resources: dict[str, float]) -> Callable[[RunJob, 
                     try:
                         yield job, ray.get(reference)
                     except ray.exceptions.RayError as error:
-                        yield job, {"status": "failed", "error": f"its Ray task failed ({_first_line(error)})"}
+                        yield job, {"status": "failed", "error": f"its Ray task failed ({first_line(error)})"}
         finally:
             if pending:   # stopped early: the running renders are interrupted, unwind and remove their temporary files
                 for reference in pending:
@@ -333,10 +335,6 @@ def _run_on_ray(address: str, resources: dict[str, float]) -> Callable[[RunJob, 
                 disconnect()
 
     return run
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ------------------------------------------------------------------------------------------------ telling how it goes
@@ -441,7 +439,7 @@ def bench_batch(count: int, run_job: RunJob, portrait: Path, speech: Path, scrat
             log(f"  (a local Ray runtime started in {report['ray_start_s']:.1f} s)")
         started = time.monotonic()
         results = run_batch(jobs, run_job, workers=workers, ray=ray, ship_inputs=False, force=True,
-                            resources={"num_cpus": 1}, progress=Progress(count, quiet=True),
+                            gpu=False, progress=Progress(count, quiet=True),
                             common={"preset": preset, "overrides": [], "backend": "embedded"},
                             discard_partial=discard_partial)
         seconds = time.monotonic() - started

@@ -309,8 +309,8 @@ def _batch(args: argparse.Namespace) -> int:
     if args.ship_inputs and args.ray is None:
         raise batch.ManifestError("--ship-inputs is for --ray (here every job reads its own files)")
     gpu = args.backend == "sadtalker" or args.enhancer in ("gfpgan", "restoreformer", "best")
-    resources: dict[str, float] = {"num_gpus": 1} if gpu and visible_gpus() else {"num_cpus": 1}
-    workers = args.workers or (max(1, len(visible_gpus())) if gpu and visible_gpus() else usable_cores())
+    gpus = visible_gpus() if gpu else []
+    workers = args.workers or len(gpus) or usable_cores()
     common = {"preset": args.preset, "overrides": preset_overrides(args), "backend": args.backend,
               "checkpoints": str(args.checkpoints) if args.checkpoints else None, "strict": args.strict}
     progress = batch.Progress(len(jobs), quiet=args.quiet)
@@ -321,7 +321,7 @@ def _batch(args: argparse.Namespace) -> int:
     results: list[batch.Result] = []
     try:
         results = batch.run_batch(jobs, render_job, workers=workers, ray=args.ray, ship_inputs=args.ship_inputs,
-                                  force=args.force, resources=resources, progress=progress, common=common,
+                                  force=args.force, gpu=gpu, progress=progress, common=common,
                                   discard_partial=discard_partial)
     except KeyboardInterrupt as interruption:
         stopped = isinstance(interruption, Stopped)

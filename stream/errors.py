@@ -17,3 +17,8 @@ class InputError(TalkstreamError, ValueError):
 
 class OutputError(TalkstreamError, OSError):
     """An output that cannot be written."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error in one line (its message's first, else its type's name): for messages that quote another's."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stream.errors import InputError
+from stream.errors import InputError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +115,7 @@ def read_safetensors(path: Path, prefixes: Iterable[str]) -> dict[str, dict[str,
                     continue
                 parts[owner][key.replace(f"{owner}.", "")] = bundle.get_tensor(key)
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path.name}: cannot be read as safetensors ({_first_line(error)}): truncated or "
+        raise CheckpointError(f"{path.name}: cannot be read as safetensors ({first_line(error)[:160]}): truncated or "
                               f"damaged; {DOWNLOAD_HINT}") from None
     if strays:
         raise CheckpointError(f"{path.name}: {len(strays)} tensors belong to no SadTalker network "
@@ -132,8 +132,8 @@ def read_checkpoint(path: Path, *, hint: str = DOWNLOAD_HINT) -> Mapping[str, An
     try:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"{path.name}: cannot be read as a torch checkpoint ({_first_line(error)}): truncated, "
-                              f"damaged or holding more than weights; {hint}") from None
+        raise CheckpointError(f"{path.name}: cannot be read as a torch checkpoint ({first_line(error)[:160]}): "
+                              f"truncated, damaged or holding more than weights; {hint}") from None
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path.name}: holds a {type(content).__name__}, not a checkpoint dict")
     return content
@@ -220,10 +220,6 @@ def load_sadtalker_networks(files: CheckpointFiles) -> SadTalkerNetworks:
     mapping = read_pickled(files.mapping, ["mapping"])["mapping"]
     load_strict(networks["mapping"], mapping, file=files.mapping.name, part="mapping")
     return SadTalkerNetworks(files, **networks)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 def _listed(items: list[str], shown: int = 3) -> str:
